@@ -1,0 +1,171 @@
+"""Build a signed emulator bundle from a full model: split, layer drop, save, sign."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from emulator.loading import (
+    EMBEDDED_MODEL_NAME,
+    embedded_model_path,
+    infer_task,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from emulator.split import SplitConfig
+from emulator.surgery import adapter_spec, build_emulator, count_parameters, extract_adapter
+from protos.bundle import ADAPTER_SPEC_FILE, ADAPTER_WEIGHTS_FILE, EMULATOR_DIR, TOKENIZER_DIR, sign_bundle
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    out: Path
+    base_model: str
+    family: str
+    n_layers: int
+    full_parameters: int
+    emulator_parameters: int
+    adapter_parameters: int
+    middle_parameters: int
+    kept_middle_parameters: int
+    kept_middle: list[int]
+    adapter_blocks: list[int]
+
+    @property
+    def compression_ratio(self) -> float:
+        """Parameters of the full frozen middle over those the emulator keeps."""
+        return self.middle_parameters / max(self.kept_middle_parameters, 1)
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [
+            ("base model", self.base_model),
+            ("family / blocks", f"{self.family} / {self.n_layers}"),
+            ("full model parameters", f"{self.full_parameters:,}"),
+            ("emulator parameters", f"{self.emulator_parameters:,}"),
+            ("adapter parameters", f"{self.adapter_parameters:,}"),
+            ("middle parameters (full -> emulator)", f"{self.middle_parameters:,} -> {self.kept_middle_parameters:,}"),
+            ("middle compression ratio", f"{self.compression_ratio:.2f}x"),
+            ("emulator / full parameters", f"{self.emulator_parameters / self.full_parameters:.3f}"),
+            ("adapter blocks (full index)", ", ".join(map(str, self.adapter_blocks))),
+            ("kept middle blocks (full index)", ", ".join(map(str, self.kept_middle))),
+            ("bundle", str(self.out)),
+        ]
+
+
+def state_dict_digest(model: torch.nn.Module) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: the base model's identity."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_model_id(model: str | None) -> str:
+    resolved = resolve_model(model)
+    return f"embedded:{EMBEDDED_MODEL_NAME}" if Path(resolved) == embedded_model_path() else resolved
+
+
+def _block_parameters(model: PreTrainedModel, prefix: str, blocks: list[int]) -> int:
+    wanted = tuple(f"{prefix}.{i}." for i in blocks)
+    return sum(p.numel() for name, p in model.named_parameters() if name.startswith(wanted))
+
+
+def build_bundle(
+    full: PreTrainedModel,
+    tokenizer_source: str,
+    model_id: str,
+    split: SplitConfig,
+    out: Path,
+    key: Ed25519PrivateKey,
+    *,
+    task: str = "base",
+    extra_adapter_tensors: tuple[str, ...] = (),
+    force: bool = False,
+) -> BuildSummary:
+    """Write a signed bundle for ``full`` at ``out``; the directory appears only once it is complete."""
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    emulator = build_emulator(full, split)
+    spec = adapter_spec(full, emulator.location, emulator.plan, extra_tensors=extra_adapter_tensors)
+
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    emulator.model.save_pretrained(partial / EMULATOR_DIR, safe_serialization=True)
+    load_tokenizer(tokenizer_source).save_pretrained(partial / TOKENIZER_DIR)
+    (partial / "adapter").mkdir()
+    spec.save(partial / ADAPTER_SPEC_FILE)
+    save_file(extract_adapter(full, spec, from_emulator=False), str(partial / ADAPTER_WEIGHTS_FILE))
+
+    plan, location = emulator.plan, emulator.location
+    fields = {
+        "kind": "offsite-bundle",
+        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "task": task,
+        "base_model": {
+            "id": model_id,
+            "weights_sha256": state_dict_digest(full),
+            "model_type": full.config.model_type,
+            "class": type(full).__name__,
+            "family": location.family,
+            "blocks_prefix": location.prefix,
+            "n_layers": location.n_layers,
+            "num_parameters": count_parameters(full),
+        },
+        "layer_map": plan.to_json(),
+        "compression": {
+            "method": "uniform-layer-drop",
+            "bottom": len(plan.bottom),
+            "top": len(plan.top),
+            "keep": len(plan.kept_middle),
+            "kept_middle": plan.kept_middle,
+        },
+        "adapter": {
+            "method": spec.method,
+            "spec_file": ADAPTER_SPEC_FILE,
+            "spec_sha256": spec.digest(),
+            "weights_file": ADAPTER_WEIGHTS_FILE,
+            "num_parameters": spec.num_parameters(),
+        },
+        "emulator": {"dir": EMULATOR_DIR, "num_parameters": count_parameters(emulator.model)},
+        "tokenizer": {"dir": TOKENIZER_DIR},
+    }
+    sign_bundle(partial, fields, key)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, out)
+
+    return BuildSummary(
+        out=out,
+        base_model=model_id,
+        family=location.family,
+        n_layers=location.n_layers,
+        full_parameters=count_parameters(full),
+        emulator_parameters=count_parameters(emulator.model),
+        adapter_parameters=spec.num_parameters(),
+        middle_parameters=_block_parameters(full, location.prefix, plan.middle),
+        kept_middle_parameters=_block_parameters(full, location.prefix, plan.kept_middle),
+        kept_middle=plan.kept_middle,
+        adapter_blocks=plan.adapter_blocks,
+    )
+
+
+def build_bundle_from_model(model: str | None, split: SplitConfig, out: Path, key: Ed25519PrivateKey, *,
+                            task: str = "auto", force: bool = False) -> BuildSummary:
+    """Load ``model`` (a path, hub id, or None for the embedded MiniLM) and build its bundle."""
+    source = resolve_model(model)
+    task = infer_task(source) if task == "auto" else task
+    full = load_model(source, task)
+    return build_bundle(full, source, base_model_id(model), split, out, key, task=task, force=force)

@@ -1,0 +1,231 @@
+"""The signed bundle: a directory (or one ``.tar`` of it) whose ``manifest.json`` lists the sha256 of every file
+and carries the coordinator's Ed25519 signature over a canonical encoding of itself.
+
+Verification reads only JSON and hashes bytes: nothing in a bundle is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protos.adapter_spec import AdapterSpec, AdapterSpecError
+from protos.crypto import (
+    SignatureError,
+    canonical_json,
+    key_id,
+    public_key_bytes,
+    sha256_file,
+    sign,
+    verify,
+)
+
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ADAPTER_SPEC_FILE = "adapter/adapter_spec.json"
+ADAPTER_WEIGHTS_FILE = "adapter/adapter.safetensors"
+EMULATOR_DIR = "emulator"
+TOKENIZER_DIR = "tokenizer"
+SIGNATURE_CONTEXT = "bundle-manifest/v1"
+REQUIRED_FIELDS = ("format_version", "base_model", "layer_map", "compression", "adapter", "files", "signer")
+
+
+class BundleError(ValueError):
+    """A bundle failed verification. ``path`` names the file at fault."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class TamperedFileError(BundleError):
+    pass
+
+
+class MissingFileError(BundleError):
+    pass
+
+
+class ExtraFileError(BundleError):
+    pass
+
+
+class BadSignatureError(BundleError):
+    pass
+
+
+class UnknownKeyError(BundleError):
+    pass
+
+
+class UnsupportedFormatError(BundleError):
+    pass
+
+
+class MalformedManifestError(BundleError):
+    pass
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    root: Path
+    manifest: dict[str, Any]
+    adapter_spec: AdapterSpec
+
+    @property
+    def emulator_dir(self) -> Path:
+        return self.root / EMULATOR_DIR
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / TOKENIZER_DIR
+
+    @property
+    def adapter_weights(self) -> Path:
+        return self.root / ADAPTER_WEIGHTS_FILE
+
+    @property
+    def digest(self) -> str:
+        """The bundle's identity: sha256 of its canonical, signed manifest."""
+        return manifest_digest(self.manifest)
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    from protos.crypto import sha256_hex
+
+    return sha256_hex(canonical_json(manifest))
+
+
+def _bundle_files(root: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            raise ExtraFileError(rel, "symbolic links are not allowed in a bundle")
+        if path.is_file() and rel != MANIFEST:
+            files[rel] = path
+    return files
+
+
+def _unsigned(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in manifest.items() if key != "signature"}
+
+
+def sign_bundle(root: Path, fields: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """Hash every file under ``root``, then write a signed ``manifest.json`` holding ``fields`` and the hashes."""
+    manifest = dict(fields)
+    manifest["format_version"] = BUNDLE_FORMAT_VERSION
+    manifest["files"] = {rel: sha256_file(path) for rel, path in _bundle_files(root).items()}
+    manifest["signer"] = {
+        "key_id": key_id(key.public_key()),
+        "public_key": base64.b64encode(public_key_bytes(key.public_key())).decode("ascii"),
+    }
+    signature = sign(key, SIGNATURE_CONTEXT, canonical_json(_unsigned(manifest)))
+    manifest["signature"] = base64.b64encode(signature).decode("ascii")
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, root / MANIFEST)
+    return manifest
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise MissingFileError(MANIFEST, "the bundle has no manifest")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise MalformedManifestError(MANIFEST, f"not valid JSON: {error}") from error
+    if not isinstance(manifest, dict):
+        raise MalformedManifestError(MANIFEST, "the manifest is not a JSON object")
+    return manifest
+
+
+def verify_bundle_dir(root: Path, trusted_key: Ed25519PublicKey) -> VerifiedBundle:
+    """Verify a bundle directory against the coordinator's public key; raise a :class:`BundleError` if not."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingFileError(str(root), "no such bundle directory")
+    manifest = _read_manifest(root)
+    version = manifest.get("format_version")
+    if version != BUNDLE_FORMAT_VERSION:
+        raise UnsupportedFormatError(MANIFEST, f"unsupported format version {version!r} (supported: 1)")
+    missing_fields = [name for name in REQUIRED_FIELDS if name not in manifest]
+    if missing_fields or not isinstance(manifest.get("files"), dict):
+        raise MalformedManifestError(MANIFEST, f"missing fields: {', '.join(missing_fields) or 'files'}")
+    signer = manifest["signer"]
+    if not isinstance(signer, dict) or signer.get("key_id") != key_id(trusted_key):
+        raise UnknownKeyError(
+            MANIFEST, f"signed by unknown key {signer.get('key_id') if isinstance(signer, dict) else signer!r}, "
+            f"expected the coordinator key {key_id(trusted_key)}"
+        )
+    try:
+        signature = base64.b64decode(str(manifest.get("signature", "")), validate=True)
+        verify(trusted_key, signature, SIGNATURE_CONTEXT, canonical_json(_unsigned(manifest)))
+    except (SignatureError, ValueError) as error:
+        raise BadSignatureError(MANIFEST, "the manifest signature does not verify") from error
+
+    listed: dict[str, str] = manifest["files"]
+    present = _bundle_files(root)
+    for rel in sorted(listed):
+        if rel not in present:
+            raise MissingFileError(rel, "listed in the manifest but missing from the bundle")
+    for rel in sorted(present):
+        if rel not in listed:
+            raise ExtraFileError(rel, "present in the bundle but not listed in the manifest")
+    for rel, expected in sorted(listed.items()):
+        if sha256_file(present[rel]) != expected:
+            raise TamperedFileError(rel, "sha256 does not match the manifest: the file was changed")
+    try:
+        spec = AdapterSpec.load(root / ADAPTER_SPEC_FILE)
+    except AdapterSpecError as error:
+        raise MalformedManifestError(ADAPTER_SPEC_FILE, str(error)) from error
+    if spec.digest() != manifest["adapter"].get("spec_sha256"):
+        raise MalformedManifestError(ADAPTER_SPEC_FILE, "adapter spec digest differs from the manifest's")
+    return VerifiedBundle(root, manifest, spec)
+
+
+def pack_bundle(root: Path, tar_path: Path) -> Path:
+    """Write one deterministic, uncompressed ``.tar`` of a bundle directory."""
+    tmp = tar_path.with_name(tar_path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                info = tar.gettarinfo(str(path), arcname=path.relative_to(root).as_posix())
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                info.mode = 0o644
+                with open(path, "rb") as stream:
+                    tar.addfile(info, stream)
+    os.replace(tmp, tar_path)
+    return tar_path
+
+
+def unpack_bundle(tar_path: Path, dest: Path) -> Path:
+    """Extract a bundle ``.tar`` safely: regular files only, no absolute paths, no ``..``, no links."""
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for member in tar.getmembers():
+                if not (member.isfile() or member.isdir()):
+                    raise ExtraFileError(member.name, "only regular files are allowed in a bundle archive")
+            tar.extractall(dest, filter="data")
+    except tarfile.TarError as error:
+        raise MalformedManifestError(str(tar_path), f"not a readable tar archive: {error}") from error
+    return dest
+
+
+def verify_bundle(path: Path, trusted_key: Ed25519PublicKey, extract_to: Path | None = None) -> VerifiedBundle:
+    """Verify a bundle directory, or a ``.tar`` of one (extracted into ``extract_to`` or a temporary dir)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".tar":
+        dest = extract_to if extract_to is not None else Path(tempfile.mkdtemp(prefix="offsite-bundle-"))
+        return verify_bundle_dir(unpack_bundle(path, dest), trusted_key)
+    return verify_bundle_dir(path, trusted_key)
