@@ -62,7 +62,8 @@ def build_emulator(full: PreTrainedModel, split: SplitConfig) -> Emulator:
     config = copy.deepcopy(full.config)
     _subset_per_layer_fields(config, location.n_layers, sources)
     setattr(config, location.n_layers_field, plan.n_emulator_layers)
-    emulator_model = type(full)(config).to(full.dtype)
+    emulator_model: PreTrainedModel = type(full)(config)
+    emulator_model.to(dtype=full.dtype)
 
     full_state = full.state_dict()
     emulator_state: dict[str, torch.Tensor] = {}
