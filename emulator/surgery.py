@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from emulator.families import BlockLocation, locate_blocks
@@ -63,7 +64,7 @@ def build_emulator(full: PreTrainedModel, split: SplitConfig) -> Emulator:
     _subset_per_layer_fields(config, location.n_layers, sources)
     setattr(config, location.n_layers_field, plan.n_emulator_layers)
     emulator_model: PreTrainedModel = type(full)(config)
-    emulator_model.to(dtype=full.dtype)
+    nn.Module.to(emulator_model, dtype=full.dtype)
 
     full_state = full.state_dict()
     emulator_state: dict[str, torch.Tensor] = {}
