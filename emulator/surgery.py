@@ -91,7 +91,8 @@ def adapter_spec(full: PreTrainedModel, location: BlockLocation, plan: LayerPlan
             emulator_key = key
         else:
             continue
-        tensors.append(TensorSpec(key, emulator_key, tuple(value.shape), SAFETENSORS_DTYPES[value.dtype]))
+        role = "head" if key in extra_tensors else "block"
+        tensors.append(TensorSpec(key, emulator_key, tuple(value.shape), SAFETENSORS_DTYPES[value.dtype], role))
     return AdapterSpec(method=method, tensors=tuple(tensors))
 
 

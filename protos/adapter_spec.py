@@ -22,6 +22,7 @@ class TensorSpec:
     emulator_name: str  # the same tensor's key in the emulator
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype name: F32, F16, BF16, ...
+    role: str = "block"  # "block" (inside an adapter block) or "head" (a task head the adapter carries)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class AdapterSpec:
             "version": ADAPTER_SPEC_VERSION,
             "method": self.method,
             "tensors": [
-                {"name": t.name, "emulator_name": t.emulator_name, "shape": list(t.shape), "dtype": t.dtype}
+                {"name": t.name, "emulator_name": t.emulator_name, "shape": list(t.shape), "dtype": t.dtype,
+                 "role": t.role}
                 for t in self.tensors
             ],
         }
@@ -72,7 +74,7 @@ class AdapterSpec:
                 raise AdapterSpecError(f"version: unsupported adapter spec version {data['version']!r}")
             tensors = tuple(
                 TensorSpec(str(t["name"]), str(t["emulator_name"]), tuple(int(d) for d in t["shape"]),
-                           str(t["dtype"]))
+                           str(t["dtype"]), str(t.get("role", "block")))
                 for t in data["tensors"]
             )
             return cls(method=str(data["method"]), tensors=tensors)
