@@ -91,6 +91,7 @@ def build_bundle(
     *,
     task: str = "base",
     extra_adapter_tensors: tuple[str, ...] = (),
+    extra_manifest: dict[str, object] | None = None,
     force: bool = False,
 ) -> BuildSummary:
     """Write a signed bundle for ``full`` at ``out``; the directory appears only once it is complete."""
@@ -140,6 +141,7 @@ def build_bundle(
         },
         "emulator": {"dir": EMULATOR_DIR, "num_parameters": count_parameters(emulator.model)},
         "tokenizer": {"dir": TOKENIZER_DIR},
+        **(extra_manifest or {}),
     }
     sign_bundle(partial, fields, key)
     if out.exists():

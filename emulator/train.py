@@ -122,7 +122,7 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -1,0 +1,106 @@
+"""One data owner's round: bundle -> emulator -> train the adapter -> seal and submit the delta."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoTokenizer,
+)
+
+from emulator.aggregate import delta_of
+from emulator.data import Example, load_examples
+from emulator.loading import load_emulator_dir
+from emulator.methods import MethodConfig, extract, load, make_trainable, method_spec
+from emulator.train import TrainConfig, evaluate, train
+from protos.adapter_spec import AdapterSpec
+from protos.bundle import VerifiedBundle
+
+
+class OwnerSettingsError(ValueError):
+    """A missing or invalid data-owner setting; the message names the key."""
+
+
+def partition(examples: Sequence[Example], partition_id: int, num_partitions: int, scheme: str = "iid",
+              seed: int = 0, alpha: float = 0.5) -> list[Example]:
+    """This owner's share of a dataset: IID round-robin after a seeded shuffle, or Dirichlet over labels."""
+    if not 0 <= partition_id < num_partitions:
+        raise OwnerSettingsError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    if scheme == "iid":
+        return [examples[i] for i in order[partition_id::num_partitions]]
+    if scheme != "dirichlet":
+        raise OwnerSettingsError(f"--partition must be iid or dirichlet, got {scheme!r}")
+    rng = np.random.default_rng(seed)
+    by_label: dict[int, list[int]] = {}
+    for i in order:
+        by_label.setdefault(examples[i].label or 0, []).append(i)
+    mine: list[int] = []
+    for label in sorted(by_label):
+        indices = by_label[label]
+        shares = rng.dirichlet([alpha] * num_partitions)  # (num_partitions,): this label's split over owners
+        bounds = [0, *np.round(np.cumsum(shares) * len(indices)).astype(int).tolist()]
+        mine += indices[bounds[partition_id] : bounds[partition_id + 1]]
+    return [examples[i] for i in sorted(mine)]
+
+
+def split_validation(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A deterministic train / validation split of an owner's own data."""
+    keyed = sorted(examples, key=lambda e: hashlib.sha256(f"{seed}|{e.text}|{e.completion}".encode()).digest())
+    cut = max(1, int(len(keyed) * fraction)) if len(keyed) > 1 else 0
+    return keyed[cut:], keyed[:cut]
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    delta: dict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def train_round(bundle: VerifiedBundle, global_adapter: Mapping[str, torch.Tensor], train_examples: list[Example],
+                val_examples: list[Example], method: MethodConfig, config: TrainConfig, *,
+                show_progress: bool = True) -> tuple[RoundResult, AdapterSpec]:
+    """Train the adapter on the emulator from the global adapter; return the delta and validation metrics."""
+    task = str(bundle.manifest.get("task", "causal-lm"))
+    tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_dir)
+    emulator = load_emulator_dir(bundle.emulator_dir, task)
+    spec = method_spec(bundle.adapter_spec, emulator, method)
+    torch.manual_seed(config.seed)
+    model = make_trainable(emulator, spec, method)
+    load(model, spec, global_adapter)
+    stats = train(model, train_examples, tokenizer, task, config, show_progress=show_progress)
+    metrics: dict[str, float] = {"train_loss": stats["train_loss"]}
+    if val_examples:
+        for key, value in evaluate(model, val_examples, tokenizer, task, max_length=config.max_length,
+                                   show_progress=show_progress).items():
+            metrics[f"val_{key}"] = value
+    delta = delta_of(extract(model, spec), global_adapter)
+    return RoundResult(delta, len(train_examples), metrics), spec
+
+
+def owner_data(train_file: Path, task: str, labels: list[str] | None, partition_id: int, num_partitions: int,
+               scheme: str, seed: int, val_fraction: float) -> tuple[list[Example], list[Example]]:
+    examples = load_examples(train_file, task, labels)
+    mine = partition(examples, partition_id, num_partitions, scheme, seed)
+    return split_validation(mine, val_fraction, seed)
+
+
+def setting(config: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """A typed value from Flower's run/node config; a missing required one names its key."""
+    if key not in config:
+        if default is None:
+            raise OwnerSettingsError(f"missing setting {key!r} (node-config or run-config)")
+        return default
+    try:
+        return kind(config[key])
+    except (TypeError, ValueError) as error:
+        raise OwnerSettingsError(f"setting {key!r}: cannot read {config[key]!r} as {kind.__name__}") from error

@@ -1,0 +1,181 @@
+"""The coordinator's rounds: open, send train messages, close, unseal + validate, FedAvg, checkpoint, resume.
+
+Aggregation reads the deltas that the coordinator's own gRPC service accepted and stored (sealed), never the
+Flower replies: a reply only says which upload belongs to it. A restarted coordinator resumes after the last
+round it checkpointed and never counts a delta twice: each (job, round, owner) slot holds one upload, and a round
+is aggregated exactly once, from its stored uploads, before its checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from coordinator.errors import NotFoundError
+from coordinator.intake import open_accepted_upload
+from coordinator.state import StateStore
+from emulator.aggregate import WeightedDelta, fedavg
+
+console = Console(stderr=True)
+PROGRESS_FILE = "progress.json"
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (too few owners, a round aborted with on-abort=stop)."""
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    state_dir: Path
+    job_id: str
+    checkpoint_dir: Path
+    num_rounds: int = 2
+    min_replies: int = 2
+    round_timeout: float = 600.0
+    node_wait: float = 120.0
+    on_abort: str = "continue"  # or "stop"
+    train_config: dict[str, Any] = field(default_factory=dict)  # method, lr, epochs... sent to owners
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ValueError(f"--rounds must be >= 1, got {self.num_rounds}")
+        if self.min_replies < 1:
+            raise ValueError(f"min-replies must be >= 1, got {self.min_replies}")
+        if self.on_abort not in ("continue", "stop"):
+            raise ValueError(f"on-abort must be continue or stop, got {self.on_abort!r}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FederationSettings:
+        train_keys = ("method", "lora-r", "lora-alpha", "epochs", "lr", "batch-size", "max-length", "seed")
+        return cls(
+            state_dir=Path(str(config["state-dir"])),
+            job_id=str(config["job-id"]),
+            checkpoint_dir=Path(str(config["checkpoint-dir"])),
+            num_rounds=int(config.get("num-server-rounds", 2)),
+            min_replies=int(config.get("min-replies", 2)),
+            round_timeout=float(config.get("round-timeout", 600.0)),
+            node_wait=float(config.get("node-wait", 120.0)),
+            on_abort=str(config.get("on-abort", "continue")),
+            train_config={key: config[key] for key in train_keys if key in config},
+        )
+
+
+def checkpoint_path(directory: Path, round_number: int) -> Path:
+    return directory / f"round-{round_number:04d}.safetensors"
+
+
+def load_progress(directory: Path) -> dict[str, Any]:
+    path = directory / PROGRESS_FILE
+    return json.loads(path.read_text()) if path.exists() else {"completed_round": 0, "rounds": []}
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as stream:
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: Path, round_number: int, adapter: Mapping[str, torch.Tensor],
+                    progress: dict[str, Any]) -> None:
+    """The round's global adapter first, then the progress file that points at it: a crash between the two
+    leaves the previous progress, and the round is aggregated again from the same stored uploads."""
+    _write_atomic(checkpoint_path(directory, round_number),
+                  lambda p: save_file({k: v.contiguous() for k, v in adapter.items()}, str(p)))
+    _write_atomic(directory / PROGRESS_FILE, lambda p: p.write_text(json.dumps(progress, indent=2)))
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def train_messages(grid: Grid, nodes: list[int], adapter: Mapping[str, torch.Tensor], config: dict[str, Any],
+                   round_number: int) -> list[Message]:
+    arrays = ArrayRecord({k: v.to(torch.float32) for k, v in adapter.items()})  # ArrayRecord refuses bf16
+    content = {**config, "server-round": round_number}
+    return [
+        Message(content=RecordDict({"global": arrays, "config": ConfigRecord(content)}), dst_node_id=node,
+                message_type=MessageType.TRAIN)
+        for node in nodes
+    ]
+
+
+def aggregate_round(store: StateStore, job_id: str, round_number: int,
+                    global_adapter: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    uploads = store.accepted_uploads(job_id, round_number)
+    deltas = [WeightedDelta(u.owner_id, u.num_examples, open_accepted_upload(store, u)) for u in uploads]
+    return fedavg(global_adapter, deltas), len(deltas)
+
+
+def round_state(store: StateStore, job_id: str, round_number: int) -> str | None:
+    try:
+        return store.round_state(job_id, round_number)
+    except NotFoundError:
+        return None
+
+
+def run_rounds(grid: Grid, settings: FederationSettings,
+               on_round: Callable[[int, dict[str, torch.Tensor]], dict[str, float]] | None = None) -> dict[str, Any]:
+    """Run (or resume) the job's rounds; returns the progress record (one entry per round)."""
+    store = StateStore(settings.state_dir)
+    directory = settings.checkpoint_dir
+    progress = load_progress(directory)
+    start = int(progress["completed_round"])
+    adapter = load_file(str(checkpoint_path(directory, start)))
+    if start:
+        console.print(f"resuming job {settings.job_id} after round {start}")
+        if round_state(store, settings.job_id, start) == "CLOSED":  # checkpointed, not yet marked: a crash
+            store.mark_aggregated(settings.job_id, start)
+    for round_number in range(start + 1, settings.num_rounds + 1):
+        record: dict[str, Any] = {"round": round_number}
+        if round_state(store, settings.job_id, round_number) is None:
+            store.open_round(settings.job_id, round_number)
+        if round_state(store, settings.job_id, round_number) == "OPEN":
+            nodes = wait_for_nodes(grid, settings.min_replies, settings.node_wait)
+            console.print(f"round {round_number}: training on {len(nodes)} data owners")
+            messages = train_messages(grid, nodes, adapter, settings.train_config, round_number)
+            replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+            record["replies"] = sum(not reply.has_error() for reply in replies)
+            record["errors"] = [reply.error.reason for reply in replies if reply.has_error()]
+            record["owner_metrics"] = [dict(reply.content["metrics"]) for reply in replies if not reply.has_error()]
+            store.close_round(settings.job_id, round_number)
+        uploads = store.accepted_uploads(settings.job_id, round_number)
+        if len(uploads) < settings.min_replies:
+            reason = f"{len(uploads)} accepted deltas, fewer than the minimum {settings.min_replies}"
+            if round_state(store, settings.job_id, round_number) != "ABORTED":
+                store.abort_round(settings.job_id, round_number, reason)
+            record.update(state="ABORTED", reason=reason)
+            console.print(f"[yellow]round {round_number} aborted:[/] {reason}")
+            progress["rounds"].append(record)
+            progress["completed_round"] = round_number
+            save_checkpoint(directory, round_number, adapter, progress)
+            if settings.on_abort == "stop":
+                raise FederationError(f"round {round_number} aborted: {reason}")
+            continue
+        adapter, count = aggregate_round(store, settings.job_id, round_number, adapter)
+        record.update(state="AGGREGATED", deltas=count)
+        if on_round is not None:
+            record["eval"] = on_round(round_number, adapter)
+        progress["rounds"].append(record)
+        progress["completed_round"] = round_number
+        save_checkpoint(directory, round_number, adapter, progress)
+        store.mark_aggregated(settings.job_id, round_number)
+        console.print(f"round {round_number}: aggregated {count} sealed deltas")
+    return progress
