@@ -12,6 +12,8 @@ import typer
 from coordinator.bundles import build_bundle_from_model
 from coordinator.cli_common import console, fail, print_summary
 from coordinator.cli_emulator import emulator_app
+from coordinator.cli_server import serve
+from coordinator.cli_state import delta_key_app, job_app, owners_app, round_app
 from coordinator.paths import PUBLIC_KEY_FILE, default_coordinator_dir, init_keys
 from emulator.split import SplitConfig
 from protos import crypto
@@ -22,6 +24,11 @@ app = typer.Typer(help="Offsite tuning, model owner's side: build bundles, run r
 keys_app = typer.Typer(help="The coordinator's signing keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(emulator_app, name="emulator")
+app.command("serve")(serve)
+app.add_typer(owners_app, name="owners")
+app.add_typer(job_app, name="job")
+app.add_typer(round_app, name="round")
+app.add_typer(delta_key_app, name="delta-key")
 
 
 @keys_app.command("init")
