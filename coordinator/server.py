@@ -62,18 +62,24 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> Any:
     context.abort(code, f"{type(error).__name__}: {error}")
 
 
-def _lenient(message_type: type[M]) -> Callable[[bytes], M | None]:
-    """Deserialize, or None for bytes that are not a message: the handler answers INVALID_ARGUMENT, not INTERNAL."""
-    def parse(raw: bytes) -> M | None:
+class _Undecodable:
+    """Stands for bytes that are not a protobuf message (grpc answers INTERNAL when a deserializer fails)."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _lenient(message_type: type[M]) -> Callable[[bytes], M | _Undecodable]:
+    def parse(raw: bytes) -> M | _Undecodable:
         try:
             return message_type.FromString(raw)
         except DecodeError:
-            return None
+            return UNDECODABLE
     return parse
 
 
-def _require(message: M | None) -> M:
-    if message is None:
+def _require(message: M | _Undecodable) -> M:
+    if isinstance(message, _Undecodable):
         raise errors.MalformedRequestError("the request is not a valid protobuf message")
     return message
 
@@ -82,27 +88,28 @@ class CoordinatorService:
     def __init__(self, state: handlers.ServerState) -> None:
         self.state = state
 
-    def GetJob(self, request: pb.GetJobRequest | None, context: grpc.ServicerContext) -> pb.SignedJobManifest:
+    def GetJob(self, request: pb.GetJobRequest | _Undecodable, context: grpc.ServicerContext) -> pb.SignedJobManifest:
         try:
             return handlers.get_job(_require(request), self.state)
         except Exception as error:  # noqa: BLE001 - every error becomes a status
             return _abort(context, error)
 
-    def DownloadBundle(self, request: pb.DownloadBundleRequest | None,
+    def DownloadBundle(self, request: pb.DownloadBundleRequest | _Undecodable,
                        context: grpc.ServicerContext) -> Iterator[pb.BundleChunk]:
         try:
             yield from handlers.download_bundle(_require(request), self.state)
         except Exception as error:  # noqa: BLE001
             _abort(context, error)
 
-    def SubmitDelta(self, requests: Iterator[pb.SubmitDeltaRequest | None],
+    def SubmitDelta(self, requests: Iterator[pb.SubmitDeltaRequest | _Undecodable],
                     context: grpc.ServicerContext) -> pb.SignedReceipt:
+        decoded = (None if isinstance(m, _Undecodable) else m for m in requests)
         try:
-            return handlers.submit_delta(requests, self.state)
+            return handlers.submit_delta(decoded, self.state)
         except Exception as error:  # noqa: BLE001
             return _abort(context, error)
 
-    def GetRoundStatus(self, request: pb.GetRoundStatusRequest | None,
+    def GetRoundStatus(self, request: pb.GetRoundStatusRequest | _Undecodable,
                        context: grpc.ServicerContext) -> pb.RoundStatus:
         try:
             return handlers.round_status(_require(request), self.state)

@@ -12,16 +12,16 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from tests.wire_support import (  # noqa: F401 - fixtures
+from tests.wire_support import (
     SealedDelta,
     Wire,
-    bundle_dir,
     good_delta,
     requests,
     resign,
-    wire,
     with_header,
 )
+
+pytest_plugins = ("tests.wire_support",)
 
 CODE = grpc.StatusCode
 
