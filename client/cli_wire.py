@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from client.transport import CoordinatorClient, TransportError
 from protos import crypto
 from protos.bundle import BundleError
 from protos.messages import ManifestError
+from protos.sealed import SealedDeltaError, read_sealed
 
 keys_app = typer.Typer(help="The data owner's Ed25519 signing keys.", no_args_is_help=True)
 console = Console()
@@ -80,7 +82,8 @@ def submit(delta: Annotated[Path, typer.Argument(help="The adapter delta as .saf
            round: Annotated[int, typer.Option("--round", help="Round number.")],
            num_examples: Annotated[int, typer.Option(help="Training examples behind the delta (its weight).")],
            owner_id: Annotated[str | None, typer.Option(help="Owner id [default: the key id].")] = None,
-           upload_id: Annotated[str | None, typer.Option(help="Upload id [default: random]; reuse to retry.")]
+           upload_id: Annotated[str | None, typer.Option(help="Upload id [default: random]; reuse it to retry: the "
+                                                              "sealed bytes are kept as DELTA.<id>.sealed.")]
            = None,
            key: Annotated[Path | None, typer.Option(help="Owner signing key [default: owner.key].")] = None,
            ca_cert: CaOption = None, insecure: InsecureOption = False) -> None:
@@ -89,11 +92,19 @@ def submit(delta: Annotated[Path, typer.Argument(help="The adapter delta as .saf
         owner_key = crypto.load_private_key(key or default_client_dir() / OWNER_KEY)
         with _client(coordinator, coordinator_key, ca_cert, insecure) as client:
             info = client.get_job(job)
-            receipt = client.submit_delta(info, round, delta.read_bytes(), owner_key, num_examples, upload_id,
-                                          owner_id=owner_id)
-    except (grpc.RpcError, TransportError, ManifestError, crypto.KeyFileError, OSError) as error:
+            upload_id = upload_id or uuid.uuid4().hex
+            # The sealed bytes are kept, so a retry with the same upload id resends exactly them.
+            kept = delta.with_name(f"{delta.name}.{upload_id}.sealed")
+            if kept.is_file():
+                sealed = read_sealed(kept)
+            else:
+                sealed = client.seal(info, round, delta.read_bytes(), owner_key, num_examples, upload_id,
+                                     owner_id=owner_id)
+                sealed.write(kept)
+            receipt = client.submit_sealed(sealed)
+    except (grpc.RpcError, TransportError, ManifestError, crypto.KeyFileError, OSError, SealedDeltaError) as error:
         detail = error.details() if isinstance(error, grpc.RpcError) else str(error)  # type: ignore[attr-defined]
-        raise _fail(f"{detail}") from error
+        raise _fail(f"{detail} (retry with --upload-id {upload_id})" if upload_id else str(detail)) from error
     state = "already accepted" if receipt.already_accepted else "accepted"
     console.print(f"{state}: upload {receipt.upload_id}, blob {receipt.blob_sha256[:16]}, "
                   f"{receipt.num_examples} examples", highlight=False)

@@ -211,6 +211,14 @@ def read_preamble(stream: BinaryIO) -> tuple[bytes, bytes, bytes]:
     return header_json, wrapped_key, signature
 
 
+def read_sealed(path: Path) -> SealedDelta:
+    """Load a sealed blob written by :meth:`SealedDelta.write` (to resend the very same bytes)."""
+    with open(path, "rb") as stream:
+        header_json, wrapped_key, signature = read_preamble(stream)
+        ciphertext = stream.read()
+    return SealedDelta(SealedHeader.from_bytes(header_json), header_json, wrapped_key, signature, ciphertext)
+
+
 def signed_message(header_json: bytes, wrapped_key: bytes, ciphertext_sha256: bytes) -> bytes:
     return hashlib.sha256(header_json).digest() + hashlib.sha256(wrapped_key).digest() + ciphertext_sha256
 

@@ -102,7 +102,10 @@ def load_tensors(buf: bytearray, **limits: int) -> dict[str, torch.Tensor]:
         if entry.end == entry.begin:
             tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
             continue
-        raw = view[data_start + entry.begin:data_start + entry.end]
+        start = data_start + entry.begin
+        raw = view[start:data_start + entry.end]
+        if start % ITEM_SIZES[entry.dtype]:
+            raw = memoryview(bytearray(raw))  # misaligned (safetensors pads, but hostile files may not): copy
         tensors[entry.name] = torch.frombuffer(raw, dtype=dtype).reshape(entry.shape)
     return tensors
 
