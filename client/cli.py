@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from client.cli_wire import join, keys_app, submit
 from protos import crypto
 from protos.bundle import BundleError, verify_bundle
 
@@ -16,6 +17,9 @@ app = typer.Typer(help="Offsite tuning, data owner's side: verify bundles, train
                   no_args_is_help=True)
 bundle_app = typer.Typer(help="Inspect and verify bundles.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
+app.add_typer(keys_app, name="keys")
+app.command("join")(join)
+app.command("submit")(submit)
 console = Console()
 
 

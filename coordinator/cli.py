@@ -10,6 +10,8 @@ import typer
 from coordinator.cli_common import console, fail
 from coordinator.cli_emulator import emulator_app
 from coordinator.cli_run import demo_command, eval_command, simulate_command
+from coordinator.cli_server import serve
+from coordinator.cli_state import delta_key_app, job_app, owners_app, round_app
 from coordinator.paths import default_coordinator_dir, init_keys
 from protos import crypto
 
@@ -20,6 +22,11 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(emulator_app, name="emulator")
 app.command("simulate")(simulate_command)
 app.command("eval")(eval_command)
+app.command("serve")(serve)
+app.add_typer(owners_app, name="owners")
+app.add_typer(job_app, name="job")
+app.add_typer(round_app, name="round")
+app.add_typer(delta_key_app, name="delta-key")
 
 
 @keys_app.command("init")

@@ -1,0 +1,90 @@
+"""Pure request handlers: protobuf request and server state in, protobuf response out, domain errors raised."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.errors import MalformedRequestError, OutOfRangeError
+from coordinator.intake import receive_delta
+from coordinator.state import StateStore, now
+from protos import serde
+from protos.crypto import key_id, public_key_bytes
+from protos.delta_keys import x25519_key_id, x25519_public_bytes
+from protos.messages import JOB_MANIFEST_CONTEXT, BundleChunkInfo, RoundStatusInfo, SignedDocument
+from protos.offsite.v1 import coordinator_pb2 as pb
+
+DEFAULT_BUNDLE_CHUNK = 1 << 20
+MAX_BUNDLE_CHUNK = 1 << 22
+
+
+@dataclass
+class ServerState:
+    store: StateStore
+    signing_key: Ed25519PrivateKey
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def job_manifest(state: ServerState, job_id: str) -> SignedDocument:
+    job = state.store.job(job_id)
+    round, round_state = state.store.latest_round(job_id)
+    delta_key = state.store.keyring.current().public_key()
+    coordinator_key = state.signing_key.public_key()
+    fields = {
+        "kind": "offsite-job-manifest", "job_id": job.job_id, "round": round, "round_state": round_state,
+        "bundle": {"digest": job.bundle_digest, "tar_sha256": job.bundle_tar_sha256, "size": job.bundle_size},
+        "adapter_spec": job.adapter_spec.to_json(),
+        "coordinator": {"key_id": key_id(coordinator_key), "public_key": _b64(public_key_bytes(coordinator_key))},
+        "delta_key": {"key_id": x25519_key_id(delta_key), "public_key": _b64(x25519_public_bytes(delta_key))},
+        "limits": {"max_upload_bytes": job.max_upload_bytes, "max_plaintext_bytes": job.max_plaintext_bytes,
+                   "chunk_size": job.chunk_size, "max_delta_norm_ratio": repr(job.max_delta_norm_ratio)},
+        "issued_at": now(),
+    }
+    return SignedDocument.create(fields, state.signing_key, JOB_MANIFEST_CONTEXT)
+
+
+def get_job(request: pb.GetJobRequest, state: ServerState) -> pb.SignedJobManifest:
+    return serde.signed_manifest_to_pb(job_manifest(state, request.job_id))
+
+
+def download_bundle(request: pb.DownloadBundleRequest, state: ServerState) -> Iterator[pb.BundleChunk]:
+    path = state.store.bundle_tar(request.job_id)
+    chunk_size = min(request.chunk_size or DEFAULT_BUNDLE_CHUNK, MAX_BUNDLE_CHUNK)
+    with open(path, "rb") as stream:
+        size = path.stat().st_size
+        if request.offset > size:
+            raise OutOfRangeError(f"offset {request.offset} is past the bundle's {size} bytes")
+        stream.seek(request.offset)
+        offset = request.offset
+        while data := stream.read(chunk_size):
+            yield serde.bundle_chunk_to_pb(BundleChunkInfo(offset, data, hashlib.sha256(data).digest(), size))
+            offset += len(data)
+
+
+def _chunks(requests: Iterator[pb.SubmitDeltaRequest | None]) -> Iterator[bytes]:
+    for message in requests:
+        chunk = serde.chunk_from_pb(message) if message is not None else None
+        if chunk is None:
+            raise MalformedRequestError("expected a ciphertext chunk after the preamble")
+        yield chunk
+
+
+def submit_delta(requests: Iterator[pb.SubmitDeltaRequest | None], state: ServerState) -> pb.SignedReceipt:
+    first = next(requests, None)
+    preamble = serde.preamble_from_pb(first) if first is not None else None
+    if preamble is None:
+        raise MalformedRequestError("the first message of SubmitDelta must be a well-formed preamble")
+    accepted = receive_delta(state.store, state.signing_key, preamble, _chunks(requests))
+    return serde.receipt_to_pb(accepted.receipt, accepted.already_accepted)
+
+
+def round_status(request: pb.GetRoundStatusRequest, state: ServerState) -> pb.RoundStatus:
+    status, reason, uploads, examples = state.store.round_status(request.job_id, request.round)
+    return serde.round_status_to_pb(RoundStatusInfo(request.job_id, request.round, status, reason, uploads, examples))

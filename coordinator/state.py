@@ -1,0 +1,291 @@
+"""The coordinator's crash-safe state: one SQLite file, a content-addressed blob store and the delta keyring.
+
+Owners (approved or revoked), jobs (each with its own adapter spec and reference adapter), rounds
+(OPEN -> CLOSED -> AGGREGATED, or ABORTED with a reason) and uploads, unique per (job, round, owner) and per
+upload id. An upload exists only once its row is committed; its blob stays encrypted at rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from safetensors.torch import load_file, save_file
+
+from coordinator.blobs import BlobStore
+from coordinator.errors import InvalidTransitionError, NotFoundError, OwnerNotApprovedError, UnknownOwnerError
+from coordinator.keyring import DeltaKeyring
+from protos.adapter_spec import AdapterSpec
+from protos.bundle import ADAPTER_WEIGHTS_FILE, pack_bundle, verify_bundle_dir
+from protos.crypto import key_id, public_key_bytes, public_key_from_raw, sha256_file
+from protos.tensors import global_norm
+
+DB_FILE = "state.db"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS owners (
+    owner_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, key_id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'revoked')), updated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, bundle_digest TEXT NOT NULL, bundle_tar_sha256 TEXT NOT NULL,
+    bundle_size INTEGER NOT NULL, adapter_spec TEXT NOT NULL, spec_digest TEXT NOT NULL,
+    reference_norm REAL NOT NULL, max_delta_norm_ratio REAL NOT NULL, max_upload_bytes INTEGER NOT NULL,
+    max_plaintext_bytes INTEGER NOT NULL, chunk_size INTEGER NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id), round INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('OPEN', 'CLOSED', 'AGGREGATED', 'ABORTED')),
+    reason TEXT NOT NULL DEFAULT '', updated_at TEXT NOT NULL, PRIMARY KEY (job_id, round));
+CREATE TABLE IF NOT EXISTS uploads (
+    upload_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL,
+    owner_id TEXT NOT NULL REFERENCES owners(owner_id), blob_sha256 TEXT NOT NULL, plaintext_sha256 TEXT NOT NULL,
+    num_examples INTEGER NOT NULL, accepted_at TEXT NOT NULL, receipt_json BLOB NOT NULL, receipt_sig BLOB NOT NULL,
+    UNIQUE (job_id, round, owner_id), FOREIGN KEY (job_id, round) REFERENCES rounds(job_id, round));
+"""
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+TRANSITIONS = {"close": ({"OPEN"}, "CLOSED"), "aggregate": ({"CLOSED"}, "AGGREGATED"),
+               "abort": ({"OPEN", "CLOSED"}, "ABORTED")}
+DEFAULT_MAX_UPLOAD = 1 << 31
+DEFAULT_CHUNK_SIZE = 1 << 20
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def check_id(kind: str, value: str) -> str:
+    if not _ID.match(value):
+        raise ValueError(f"{kind} {value!r}: use letters, digits, '.', '_', ':' or '-' (at most 128)")
+    return value
+
+
+@dataclass(frozen=True)
+class Owner:
+    owner_id: str
+    public_key: Ed25519PublicKey
+    key_id: str
+    status: str
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    bundle_digest: str
+    bundle_tar_sha256: str
+    bundle_size: int
+    adapter_spec: AdapterSpec
+    reference_norm: float
+    max_delta_norm_ratio: float
+    max_upload_bytes: int
+    max_plaintext_bytes: int
+    chunk_size: int
+
+    @property
+    def max_delta_norm(self) -> float:
+        # A zero reference (a LoRA B, say) makes the ratio an absolute bound.
+        return self.max_delta_norm_ratio * (self.reference_norm if self.reference_norm > 0 else 1.0)
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    upload_id: str
+    job_id: str
+    round: int
+    owner_id: str
+    blob_sha256: str
+    plaintext_sha256: str
+    num_examples: int
+    accepted_at: str
+    receipt_json: bytes
+    receipt_sig: bytes
+
+
+class StateStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.dir / "blobs")
+        self.keyring = DeltaKeyring(self.dir)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.dir / DB_FILE, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self.recovered = self.blobs.recover({r[0] for r in self._db.execute("SELECT blob_sha256 FROM uploads")})
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, *args: object) -> tuple | None:  # type: ignore[type-arg]
+        with self._lock:
+            row: tuple | None = self._db.execute(sql, args).fetchone()  # type: ignore[type-arg]
+            return row
+
+    # -- owners ---------------------------------------------------------------------------------------------
+    def add_owner(self, owner_id: str, public_key: Ed25519PublicKey, *, approved: bool = False) -> Owner:
+        status = "approved" if approved else "pending"
+        with self.transaction() as db:
+            db.execute("INSERT INTO owners VALUES (?, ?, ?, ?, ?)", (check_id("owner id", owner_id),
+                       public_key_bytes(public_key), key_id(public_key), status, now()))
+        return self.owner(owner_id)
+
+    def set_owner_status(self, owner_id: str, status: str) -> Owner:
+        with self.transaction() as db:
+            if db.execute("UPDATE owners SET status = ?, updated_at = ? WHERE owner_id = ?",
+                          (status, now(), owner_id)).rowcount != 1:
+                raise UnknownOwnerError(f"owner {owner_id!r} is not registered")
+        return self.owner(owner_id)
+
+    def owner(self, owner_id: str) -> Owner:
+        row = self._one("SELECT owner_id, public_key, key_id, status FROM owners WHERE owner_id = ?", owner_id)
+        if row is None:
+            raise UnknownOwnerError(f"owner {owner_id!r} is not registered")
+        return Owner(row[0], public_key_from_raw(row[1]), row[2], row[3])
+
+    def approved_owner(self, owner_id: str) -> Owner:
+        owner = self.owner(owner_id)
+        if owner.status != "approved":
+            raise OwnerNotApprovedError(f"owner {owner_id!r} is {owner.status}, not approved")
+        return owner
+
+    def owners(self) -> list[Owner]:
+        with self._lock:
+            ids = [r[0] for r in self._db.execute("SELECT owner_id FROM owners ORDER BY owner_id")]
+        return [self.owner(i) for i in ids]
+
+    # -- jobs -----------------------------------------------------------------------------------------------
+    def create_job(self, job_id: str, bundle_dir: Path, coordinator_key: Ed25519PublicKey, *,
+                   adapter_spec: AdapterSpec | None = None, reference_adapter: dict[str, torch.Tensor] | None = None,
+                   max_delta_norm_ratio: float = 1.0, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> Job:
+        """Verify the bundle, keep a tar of it and the reference adapter, record the job."""
+        check_id("job id", job_id)
+        bundle = verify_bundle_dir(Path(bundle_dir), coordinator_key)
+        spec = adapter_spec or bundle.adapter_spec
+        reference = reference_adapter if reference_adapter is not None else load_file(bundle.root /
+                                                                                      ADAPTER_WEIGHTS_FILE)
+        job_dir = self.dir / "jobs" / job_id
+        if self._one("SELECT 1 FROM jobs WHERE job_id = ?", job_id) is not None:
+            raise InvalidTransitionError(f"job {job_id!r} already exists")
+        shutil.rmtree(job_dir, ignore_errors=True)
+        job_dir.mkdir(parents=True)
+        tar = pack_bundle(bundle.root, job_dir / "bundle.tar")
+        save_file({k: v.contiguous() for k, v in reference.items()}, str(job_dir / "reference.safetensors"))
+        with self.transaction() as db:
+            db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+                job_id, bundle.digest, sha256_file(tar), tar.stat().st_size, json.dumps(spec.to_json()),
+                spec.digest(), global_norm(reference), float(max_delta_norm_ratio), max_upload_bytes,
+                max_upload_bytes, chunk_size, now()))
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> Job:
+        row = self._one("SELECT job_id, bundle_digest, bundle_tar_sha256, bundle_size, adapter_spec, reference_norm, "
+                        "max_delta_norm_ratio, max_upload_bytes, max_plaintext_bytes, chunk_size FROM jobs "
+                        "WHERE job_id = ?", job_id)
+        if row is None:
+            raise NotFoundError(f"job {job_id!r} does not exist")
+        return Job(row[0], row[1], row[2], row[3], AdapterSpec.from_json(json.loads(row[4])), *row[5:])
+
+    def bundle_tar(self, job_id: str) -> Path:
+        return self.dir / "jobs" / self.job(job_id).job_id / "bundle.tar"
+
+    def jobs(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT job_id FROM jobs ORDER BY job_id")]
+
+    # -- rounds ---------------------------------------------------------------------------------------------
+    def open_round(self, job_id: str, round: int) -> None:
+        self.job(job_id)
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM rounds WHERE job_id = ? AND round = ?", (job_id, round)).fetchone():
+                raise InvalidTransitionError(f"job {job_id!r} round {round} already exists")
+            if db.execute("SELECT 1 FROM rounds WHERE job_id = ? AND state = 'OPEN'", (job_id,)).fetchone():
+                raise InvalidTransitionError(f"job {job_id!r} already has an OPEN round")
+            db.execute("INSERT INTO rounds VALUES (?, ?, 'OPEN', '', ?)", (job_id, round, now()))
+
+    def _transition(self, job_id: str, round: int, action: str, reason: str = "") -> None:
+        allowed, target = TRANSITIONS[action]
+        with self.transaction() as db:
+            state = self.round_state(job_id, round)
+            if state not in allowed:
+                raise InvalidTransitionError(f"cannot {action} job {job_id!r} round {round}: it is {state}")
+            db.execute("UPDATE rounds SET state = ?, reason = ?, updated_at = ? WHERE job_id = ? AND round = ?",
+                       (target, reason, now(), job_id, round))
+
+    def close_round(self, job_id: str, round: int) -> None:
+        self._transition(job_id, round, "close")
+
+    def mark_aggregated(self, job_id: str, round: int) -> None:
+        self._transition(job_id, round, "aggregate")
+
+    def abort_round(self, job_id: str, round: int, reason: str) -> None:
+        self._transition(job_id, round, "abort", reason)
+
+    def round_state(self, job_id: str, round: int) -> str:
+        row = self._one("SELECT state FROM rounds WHERE job_id = ? AND round = ?", job_id, round)
+        if row is None:
+            raise NotFoundError(f"job {job_id!r} has no round {round}")
+        return str(row[0])
+
+    def latest_round(self, job_id: str) -> tuple[int, str]:
+        row = self._one("SELECT round, state FROM rounds WHERE job_id = ? ORDER BY round DESC LIMIT 1", job_id)
+        return (0, "NONE") if row is None else (int(row[0]), str(row[1]))
+
+    def round_status(self, job_id: str, round: int) -> tuple[str, str, int, int]:
+        """``(state, reason, accepted uploads, total examples)``."""
+        row = self._one("SELECT state, reason FROM rounds WHERE job_id = ? AND round = ?", job_id, round)
+        if row is None:
+            raise NotFoundError(f"job {job_id!r} has no round {round}")
+        counts = self._one("SELECT COUNT(*), COALESCE(SUM(num_examples), 0) FROM uploads WHERE job_id = ? AND "
+                           "round = ?", job_id, round)
+        assert counts is not None
+        return str(row[0]), str(row[1]), int(counts[0]), int(counts[1])
+
+    # -- uploads --------------------------------------------------------------------------------------------
+    def upload(self, upload_id: str) -> UploadRecord | None:
+        row = self._one(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE upload_id = ?", upload_id)
+        return None if row is None else UploadRecord(*row)
+
+    def slot(self, job_id: str, round: int, owner_id: str) -> UploadRecord | None:
+        row = self._one(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE job_id = ? AND round = ? AND owner_id = ?",
+                        job_id, round, owner_id)
+        return None if row is None else UploadRecord(*row)
+
+    def accepted_uploads(self, job_id: str, round: int) -> list[UploadRecord]:
+        """In a deterministic order: by owner id."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE job_id = ? AND round = ? "
+                                    "ORDER BY owner_id, upload_id", (job_id, round)).fetchall()
+        return [UploadRecord(*row) for row in rows]
+
+    def insert_upload(self, db: sqlite3.Connection, record: UploadRecord) -> None:
+        db.execute(f"INSERT INTO uploads ({_UPLOAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (record.upload_id, record.job_id, record.round, record.owner_id, record.blob_sha256,
+                    record.plaintext_sha256, record.num_examples, record.accepted_at, record.receipt_json,
+                    record.receipt_sig))
+
+
+_UPLOAD_COLUMNS = ("upload_id, job_id, round, owner_id, blob_sha256, plaintext_sha256, num_examples, accepted_at, "
+                   "receipt_json, receipt_sig")
+

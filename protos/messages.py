@@ -1,0 +1,136 @@
+"""Domain types of the wire contract, independent of protobuf (``protos.serde`` converts between the two).
+
+Signed documents (the job manifest, upload receipts) are canonical JSON plus a detached coordinator signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from protos.adapter_spec import AdapterSpec, AdapterSpecError
+from protos.crypto import KeyFileError, SignatureError, canonical_json, key_id, public_key_from_raw, sign, verify
+from protos.delta_keys import x25519_key_id, x25519_public_from_raw
+
+JOB_MANIFEST_CONTEXT = "job-manifest/v1"
+RECEIPT_CONTEXT = "upload-receipt/v1"
+
+
+class ManifestError(ValueError):
+    """A signed job manifest or receipt does not verify or is malformed."""
+
+
+@dataclass(frozen=True)
+class SignedDocument:
+    payload: bytes  # canonical JSON
+    signature: bytes
+
+    @classmethod
+    def create(cls, fields: dict[str, Any], key: Ed25519PrivateKey, context: str) -> SignedDocument:
+        payload = canonical_json(fields)
+        return cls(payload, sign(key, context, payload))
+
+    def open(self, key: Ed25519PublicKey, context: str) -> dict[str, Any]:
+        """Verify the signature first, then parse; raise :class:`ManifestError` otherwise."""
+        try:
+            verify(key, self.signature, context, self.payload)
+        except SignatureError as error:
+            raise ManifestError(f"{context}: the coordinator's signature does not verify") from error
+        data = json.loads(self.payload)
+        if not isinstance(data, dict):
+            raise ManifestError(f"{context}: not a JSON object")
+        return data
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int
+    max_plaintext_bytes: int
+    chunk_size: int
+    max_delta_norm_ratio: str  # decimal string: signed data carries no floats
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    round: int  # the latest round (0 before the first is opened)
+    round_state: str
+    bundle_digest: str
+    bundle_tar_sha256: str
+    bundle_size: int
+    adapter_spec: AdapterSpec
+    coordinator_key: Ed25519PublicKey
+    delta_key_id: str
+    delta_public_key: X25519PublicKey
+    limits: Limits
+
+    @classmethod
+    def from_manifest(cls, data: dict[str, Any], pinned: Ed25519PublicKey) -> JobInfo:
+        try:
+            coordinator_key = public_key_from_raw(base64.b64decode(data["coordinator"]["public_key"]))
+            if key_id(coordinator_key) != key_id(pinned) or data["coordinator"]["key_id"] != key_id(pinned):
+                raise ManifestError("the manifest names another coordinator key than the pinned one")
+            delta_key = x25519_public_from_raw(base64.b64decode(data["delta_key"]["public_key"]))
+            if x25519_key_id(delta_key) != data["delta_key"]["key_id"]:
+                raise ManifestError("delta_key: key id does not match the key")
+            bundle = data["bundle"]
+            return cls(
+                job_id=str(data["job_id"]), round=int(data["round"]), round_state=str(data["round_state"]),
+                bundle_digest=str(bundle["digest"]), bundle_tar_sha256=str(bundle["tar_sha256"]),
+                bundle_size=int(bundle["size"]), adapter_spec=AdapterSpec.from_json(data["adapter_spec"]),
+                coordinator_key=coordinator_key, delta_key_id=x25519_key_id(delta_key), delta_public_key=delta_key,
+                limits=Limits(**data["limits"]),
+            )
+        except (KeyError, TypeError, ValueError, AdapterSpecError, KeyFileError) as error:
+            if isinstance(error, ManifestError):
+                raise
+            raise ManifestError(f"malformed job manifest: {error!r}") from error
+
+
+@dataclass(frozen=True)
+class Receipt:
+    upload_id: str
+    job_id: str
+    round: int
+    owner_id: str
+    blob_sha256: str
+    plaintext_sha256: str
+    num_examples: int
+    accepted_at: str
+    already_accepted: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        return {"kind": "offsite-upload-receipt", "upload_id": self.upload_id, "job_id": self.job_id,
+                "round": self.round, "owner_id": self.owner_id, "blob_sha256": self.blob_sha256,
+                "plaintext_sha256": self.plaintext_sha256, "num_examples": self.num_examples,
+                "accepted_at": self.accepted_at}
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any], already_accepted: bool) -> Receipt:
+        try:
+            return cls(**{k: v for k, v in data.items() if k != "kind"}, already_accepted=already_accepted)
+        except TypeError as error:
+            raise ManifestError(f"malformed receipt: {error}") from error
+
+
+@dataclass(frozen=True)
+class RoundStatusInfo:
+    job_id: str
+    round: int
+    state: str
+    reason: str
+    accepted_uploads: int
+    total_examples: int
+
+
+@dataclass(frozen=True)
+class BundleChunkInfo:
+    offset: int
+    data: bytes
+    sha256: bytes
+    total_size: int
