@@ -27,11 +27,11 @@ def settings_of(context: Context, overrides: Mapping[str, Any]) -> dict[str, Any
 
 
 def ensure_bundle(client: CoordinatorClient, job: Any, cache_dir: Path, coordinator_key: Any) -> VerifiedBundle:
-    """The job's bundle from the node-local cache, downloaded (resumably) only when missing or invalid."""
+    """The job's bundle from the owner's local cache, downloaded (resumably) only when missing or invalid."""
     target = cache_dir / str(job.bundle_digest)
-    if target.is_dir():
+    if (target / "bundle").is_dir():
         try:
-            cached = verify_bundle_dir(target, coordinator_key)
+            cached = verify_bundle_dir(target / "bundle", coordinator_key)
             if cached.digest == job.bundle_digest:
                 return cached
         except BundleError:
@@ -61,7 +61,8 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
         insecure=bool(settings.get("insecure", False)),
     ) as client:
         job = client.get_job(setting(settings, "job-id", str))
-        bundle = ensure_bundle(client, job, Path(setting(settings, "cache-dir", str)), coordinator_key)
+        cache = Path(setting(settings, "cache-dir", str)) / crypto.key_id(owner_key.public_key())
+        bundle = ensure_bundle(client, job, cache, coordinator_key)
         task = str(bundle.manifest.get("task"))
         labels = bundle.manifest.get("labels")
         train_examples, val_examples = owner_data(

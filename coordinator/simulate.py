@@ -131,8 +131,9 @@ def setup(config: SimulateConfig) -> Setup:
         path = owners / f"owner-{i}.key"
         if not path.exists():
             crypto.write_private_key(Ed25519PrivateKey.generate(), path)
-        if f"owner-{i}" not in known:
-            store.add_owner(f"owner-{i}", crypto.load_private_key(path).public_key(), approved=True)
+        public = crypto.load_private_key(path).public_key()
+        if crypto.key_id(public) not in known:  # owners are known by their key id, as `owners add` does
+            store.add_owner(crypto.key_id(public), public, approved=True)
 
     checkpoints = work / "checkpoints"
     if JOB_ID not in store.jobs():

@@ -50,6 +50,14 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name.removeprefix(PEFT_PREFIX).replace(".default.", "."): p for name, p in model.named_parameters()}
 
 
+def head_parameters(model: PreTrainedModel) -> tuple[str, ...]:
+    """Parameters outside the base model (a classification head, say): the adapter carries them."""
+    if model.base_model is model:
+        return ()
+    prefix = model.base_model_prefix + "."
+    return tuple(name for name, _ in model.named_parameters() if not name.startswith(prefix))
+
+
 def _heads(spec: AdapterSpec) -> tuple[TensorSpec, ...]:
     return tuple(t for t in spec.tensors if t.role == "head")
 
