@@ -372,17 +372,24 @@ def _decrypt(stream: BinaryIO, header: SealedHeader, wrapped_key: bytes,
     out, n, size = memoryview(plaintext), header.num_chunks, header.chunk_size
     buffer = memoryview(bytearray(size + TAG_BYTES))
     running = hashlib.sha256()
-    for i in range(n):
-        want = min(size, header.plaintext_length - i * size) + TAG_BYTES
-        if _read_into(stream, buffer[:want]) != want:
-            raise TruncatedError(f"chunk {i} of {n} is incomplete")
-        target = out[i * size:i * size + want - TAG_BYTES]
-        try:
-            aead.decrypt_into(_nonce(i, i == n - 1), buffer[:want], aad, target)
-        except InvalidTag as error:
-            raise DecryptionError(f"chunk {i} of {n} fails authentication (tampered, reordered or "
-                                  f"misplaced)") from error
-        running.update(target)
+    # As in sealing: the plaintext is hashed on a second core while the next chunk is read and decrypted.
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        pending = None
+        for i in range(n):
+            want = min(size, header.plaintext_length - i * size) + TAG_BYTES
+            if _read_into(stream, buffer[:want]) != want:
+                raise TruncatedError(f"chunk {i} of {n} is incomplete")
+            target = out[i * size:i * size + want - TAG_BYTES]
+            try:
+                aead.decrypt_into(_nonce(i, i == n - 1), buffer[:want], aad, target)
+            except InvalidTag as error:
+                raise DecryptionError(f"chunk {i} of {n} fails authentication (tampered, reordered or "
+                                      f"misplaced)") from error
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(running.update, target)
+        if pending is not None:
+            pending.result()
     if stream.read(1):
         raise TrailingDataError("data after the final chunk")
     if not hmac.compare_digest(running.hexdigest(), header.plaintext_sha256):
