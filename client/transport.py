@@ -12,8 +12,10 @@ import hmac
 import shutil
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import grpc
 import torch
@@ -22,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from protos import serde
 from protos.bundle import VerifiedBundle, verify_bundle
 from protos.crypto import key_id, sha256_file
-from protos.messages import JOB_MANIFEST_CONTEXT, RECEIPT_CONTEXT, JobInfo, Receipt, RoundStatusInfo
+from protos.messages import JOB_MANIFEST_CONTEXT, RECEIPT_CONTEXT, BundleChunkInfo, JobInfo, Receipt, RoundStatusInfo
 from protos.offsite.v1 import coordinator_pb2 as pb
 from protos.offsite.v1.coordinator_pb2_grpc import CoordinatorStub
 from protos.sealed import SealedDelta, seal_delta
@@ -35,6 +37,13 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 class TransportError(RuntimeError):
     """The coordinator's answer failed verification (manifest, bundle chunk, bundle, receipt)."""
+
+
+def _store_chunk(out: BinaryIO, whole: hashlib._Hash, chunk: BundleChunkInfo) -> None:
+    if not hmac.compare_digest(hashlib.sha256(chunk.data).digest(), chunk.sha256):
+        raise TransportError(f"chunk at offset {chunk.offset} fails its sha256")
+    out.write(chunk.data)
+    whole.update(chunk.data)
 
 
 class CoordinatorClient:
@@ -75,16 +84,8 @@ class CoordinatorClient:
 
     def download_bundle(self, job: JobInfo, dest_dir: Path, *, chunk_size: int = 0) -> VerifiedBundle:
         """Download (resuming a partial ``bundle.tar.part``), check every chunk and the whole, verify, extract."""
-        dest_dir = Path(dest_dir)
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        tar, part = dest_dir / "bundle.tar", dest_dir / "bundle.tar.part"
-        if not (tar.is_file() and hmac.compare_digest(sha256_file(tar), job.bundle_tar_sha256)):
-            self._fetch(job, part, chunk_size)
-            if not hmac.compare_digest(sha256_file(part), job.bundle_tar_sha256):
-                part.unlink()
-                raise TransportError("the downloaded bundle's sha256 differs from the signed job manifest's")
-            part.replace(tar)
-        extract = dest_dir / "bundle"
+        tar = self.fetch_verified_tar(job, dest_dir, chunk_size=chunk_size)
+        extract = Path(dest_dir) / "bundle"
         shutil.rmtree(extract, ignore_errors=True)
         extract.mkdir()
         verified = verify_bundle(tar, self.coordinator_key, extract_to=extract)
@@ -92,27 +93,52 @@ class CoordinatorClient:
             raise TransportError("the bundle's manifest digest differs from the signed job manifest's")
         return verified
 
-    def _fetch(self, job: JobInfo, part: Path, chunk_size: int) -> None:
+    def fetch_verified_tar(self, job: JobInfo, dest_dir: Path, *, chunk_size: int = 0) -> Path:
+        """``dest_dir/bundle.tar``, its sha256 matching the signed job manifest (downloaded only if needed)."""
+        dest_dir = Path(dest_dir)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        tar, part = dest_dir / "bundle.tar", dest_dir / "bundle.tar.part"
+        if tar.is_file() and hmac.compare_digest(sha256_file(tar), job.bundle_tar_sha256):
+            return tar
+        if not hmac.compare_digest(self._fetch(job, part, chunk_size), job.bundle_tar_sha256):
+            part.unlink()
+            raise TransportError("the downloaded bundle's sha256 differs from the signed job manifest's")
+        part.replace(tar)
+        return tar
+
+    def _fetch(self, job: JobInfo, part: Path, chunk_size: int) -> str:
+        """Resume ``part`` up to the bundle's size; return the sha256 of the whole, hashed as it arrives."""
         if part.exists() and part.stat().st_size > job.bundle_size:
             part.unlink()
+        whole = hashlib.sha256()
+        if part.exists():
+            with open(part, "rb") as prefix:
+                while block := prefix.read(1 << 22):
+                    whole.update(block)
         for attempt in range(self.retries + 1):
             offset = part.stat().st_size if part.exists() else 0
             if offset == job.bundle_size:
-                return
+                break
             try:
                 request = pb.DownloadBundleRequest(job_id=job.job_id, offset=offset, chunk_size=chunk_size)
-                with open(part, "ab") as out:
+                # Chunks are checked, hashed and written on a second thread (hashlib releases the GIL) while the
+                # next one arrives; one chunk in flight at most.
+                with open(part, "ab") as out, ThreadPoolExecutor(max_workers=1) as writer:
+                    pending: Future[None] | None = None
                     for message in self.stub.DownloadBundle(request):
                         chunk = serde.bundle_chunk_from_pb(message)
                         if chunk.offset != offset or chunk.total_size != job.bundle_size:
                             raise TransportError(f"chunk at offset {chunk.offset}, expected {offset}")
-                        if not hmac.compare_digest(hashlib.sha256(chunk.data).digest(), chunk.sha256):
-                            raise TransportError(f"chunk at offset {offset} fails its sha256")
-                        out.write(chunk.data)
+                        if pending is not None:
+                            pending.result()
+                        pending = writer.submit(_store_chunk, out, whole, chunk)
                         offset += len(chunk.data)
-                return
+                    if pending is not None:
+                        pending.result()
+                break
             except grpc.RpcError as error:
                 self._pause(attempt, error)
+        return whole.hexdigest()
 
     def seal(self, job: JobInfo, round: int, delta: dict[str, torch.Tensor] | bytes, owner_key: Ed25519PrivateKey,
              num_examples: int, upload_id: str | None = None, *, owner_id: str | None = None) -> SealedDelta:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.blobs import sha256_of
 from coordinator.errors import (
     CoordinatorError,
     InvalidTransitionError,
@@ -66,7 +67,7 @@ def open_and_validate(store: StateStore, job: Job, owner: Owner, header: SealedH
 def open_accepted_upload(store: StateStore, record: UploadRecord) -> dict[str, torch.Tensor]:
     """Re-open an accepted blob for aggregation: digest at rest, signature, decryption and validation again."""
     path = store.blobs.path(record.blob_sha256)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_of(path)
     if not hmac.compare_digest(digest, record.blob_sha256):
         raise MalformedRequestError(f"blob {record.blob_sha256} changed at rest")
     with open(path, "rb") as stream:

@@ -163,7 +163,7 @@ def start_server(state_dir: Path, port: int = 0, *, host: str = "127.0.0.1", tls
         key = crypto.load_private_key(Path(signing_key))
     else:
         key = load_or_create_signing_key(None)[0]
-    store = StateStore(state_dir)
+    store = StateStore(state_dir, recover=True)
     state = handlers.ServerState(store, key)
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((CoordinatorService(state).generic_handler(),))

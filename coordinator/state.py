@@ -109,7 +109,10 @@ class UploadRecord:
 
 
 class StateStore:
-    def __init__(self, state_dir: Path) -> None:
+    """``recover=True`` (the server, at start) clears partial uploads; admin commands that may run beside a live
+    server leave them alone."""
+
+    def __init__(self, state_dir: Path, *, recover: bool = False) -> None:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.dir / "blobs")
@@ -120,7 +123,9 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        self.recovered = self.blobs.recover({r[0] for r in self._db.execute("SELECT blob_sha256 FROM uploads")})
+        self.recovered: list[str] = []
+        if recover:
+            self.recovered = self.blobs.recover({r[0] for r in self._db.execute("SELECT blob_sha256 FROM uploads")})
 
     def close(self) -> None:
         with self._lock:

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
-import re
 import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
 from cryptography.exceptions import InvalidTag
@@ -35,134 +33,45 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from safetensors.torch import save as save_safetensors
 
-from protos.crypto import SignatureError, canonical_json, key_id, sign, verify
+from protos.crypto import SignatureError, key_id, sign, verify
 from protos.delta_keys import x25519_key_id
+from protos.sealed_header import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MAX_HEADER_BYTES,
+    MIN_CHUNK_SIZE,
+    TAG_BYTES,
+    ContextMismatchError,
+    DecryptionError,
+    ExpectedContext,
+    HeaderError,
+    PlaintextDigestError,
+    SealedDeltaError,
+    SealedHeader,
+    SealedSignatureError,
+    SizeLimitError,
+    TrailingDataError,
+    TruncatedError,
+    check_context,
+    check_header_values,
+)
+
+__all__ = [
+    "CHUNK_AAD", "DEFAULT_CHUNK_SIZE", "HPKE_SUITE", "KEY_WRAP_INFO", "MAGIC", "MAX_CHUNK_SIZE", "MAX_HEADER_BYTES",
+    "MIN_CHUNK_SIZE", "PAYLOAD_KEY_INFO", "SIGN_CONTEXT", "TAG_BYTES", "ContextMismatchError", "DecryptionError",
+    "ExpectedContext", "HeaderError", "OpenedDelta", "PlaintextDigestError", "SealedDelta", "SealedDeltaError",
+    "SealedHeader", "SealedSignatureError", "SizeLimitError", "TrailingDataError", "TruncatedError", "check_context",
+    "check_header_values", "ciphertext_digest", "encode_preamble", "open_sealed", "read_preamble", "read_sealed",
+    "seal_delta", "signed_message", "verify_sealed_signature",
+]
 
 MAGIC = b"OFSDLT\x00\x01"
-FORMAT = "offsite-sealed-delta"
-FORMAT_VERSION = 1
 SIGN_CONTEXT = "sealed-delta/v1"
 KEY_WRAP_INFO = b"offsite/sealed-delta/v1/key-wrap\x00"
 PAYLOAD_KEY_INFO = b"offsite/sealed-delta/v1/payload-key\x00"
 CHUNK_AAD = b"offsite/sealed-delta/v1/chunk\x00"
-TAG_BYTES = 16
-DEFAULT_CHUNK_SIZE = 1 << 20
-MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1 << 10, 1 << 24
-MAX_HEADER_BYTES = 1 << 14
 WRAPPED_KEY_BYTES = 32 + 32 + TAG_BYTES  # HPKE enc || sealed 32-byte key
 HPKE_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-
-
-class SealedDeltaError(ValueError):
-    """A sealed delta is malformed, tampered with, or meant for another context."""
-
-
-class HeaderError(SealedDeltaError):
-    pass
-
-
-class ContextMismatchError(SealedDeltaError):
-    pass
-
-
-class SealedSignatureError(SealedDeltaError):
-    pass
-
-
-class DecryptionError(SealedDeltaError):
-    pass
-
-
-class TruncatedError(SealedDeltaError):
-    pass
-
-
-class TrailingDataError(SealedDeltaError):
-    pass
-
-
-class PlaintextDigestError(SealedDeltaError):
-    pass
-
-
-class SizeLimitError(SealedDeltaError):
-    pass
-
-
-@dataclass(frozen=True)
-class SealedHeader:
-    job_id: str
-    round: int
-    owner_id: str
-    upload_id: str
-    sender_key_id: str
-    recipient_key_id: str
-    adapter_spec_digest: str
-    plaintext_length: int
-    plaintext_sha256: str
-    chunk_size: int
-    num_examples: int
-    format: str = FORMAT
-    version: int = FORMAT_VERSION
-
-    def to_bytes(self) -> bytes:
-        return canonical_json(asdict(self))
-
-    def digest(self) -> bytes:
-        return hashlib.sha256(self.to_bytes()).digest()
-
-    @property
-    def num_chunks(self) -> int:
-        return max(1, -(-self.plaintext_length // self.chunk_size))
-
-    @property
-    def ciphertext_length(self) -> int:
-        return self.plaintext_length + TAG_BYTES * self.num_chunks
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> SealedHeader:
-        """Parse and check the schema strictly: exact keys, types, ranges, and the canonical encoding."""
-        if len(raw) > MAX_HEADER_BYTES:
-            raise HeaderError(f"header is {len(raw)} bytes, more than {MAX_HEADER_BYTES}")
-
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise HeaderError(f"header is not UTF-8 JSON: {error}") from error
-        if not isinstance(data, dict):
-            raise HeaderError("header is not a JSON object")
-        fields = set(cls.__dataclass_fields__)
-        if set(data) != fields:
-            raise HeaderError(f"header fields differ: missing {sorted(fields - set(data))}, "
-                              f"unknown {sorted(set(data) - fields)}")
-        _check_header_values(data)
-        header = cls(**data)
-        if header.to_bytes() != raw:
-            raise HeaderError("header is not canonical JSON")
-        return header
-
-
-def _check_header_values(data: dict[str, Any]) -> None:
-    if data["format"] != FORMAT or data["version"] != FORMAT_VERSION:
-        raise HeaderError(f"unsupported format {data['format']!r} version {data['version']!r} (supported: 1)")
-    for name in ("job_id", "owner_id", "upload_id"):
-        if not isinstance(data[name], str) or not _ID.match(data[name]):
-            raise HeaderError(f"{name}: not a valid identifier")
-    for name in ("sender_key_id", "recipient_key_id"):
-        if not isinstance(data[name], str) or not _HEX32.match(data[name]):
-            raise HeaderError(f"{name}: not a 32-hex-digit key id")
-    for name in ("adapter_spec_digest", "plaintext_sha256"):
-        if not isinstance(data[name], str) or not _HEX64.match(data[name]):
-            raise HeaderError(f"{name}: not a sha256 hex digest")
-    for name, low, high in (("round", 1, 2**31), ("plaintext_length", 0, 2**48), ("num_examples", 1, 2**48),
-                            ("chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)):
-        value = data[name]
-        if type(value) is not int or not low <= value <= high:
-            raise HeaderError(f"{name}: {value!r} is not an integer in [{low}, {high}]")
-
 
 @dataclass
 class SealedDelta:
@@ -254,7 +163,7 @@ def seal_delta(
         adapter_spec_digest=adapter_spec_digest, plaintext_length=len(view),
         plaintext_sha256=hashlib.sha256(view).hexdigest(), chunk_size=chunk_size, num_examples=num_examples,
     )
-    _check_header_values(asdict(header))
+    check_header_values(asdict(header))
     header_json, header_digest = header.to_bytes(), header.digest()
     data_key = os.urandom(32)
     wrapped_key = HPKE_SUITE.encrypt(data_key, recipient_public, info=KEY_WRAP_INFO + header_digest)
@@ -276,25 +185,6 @@ def seal_delta(
             pending.result()
     signature = sign(owner_key, SIGN_CONTEXT, signed_message(header_json, wrapped_key, ciphertext_hash.digest()))
     return SealedDelta(header, header_json, wrapped_key, signature, ciphertext)
-
-
-@dataclass(frozen=True)
-class ExpectedContext:
-    """What the coordinator expects a sealed delta to be for; any difference refuses it before decryption."""
-
-    job_id: str
-    round: int
-    owner_id: str
-    sender_key_id: str
-    adapter_spec_digest: str
-    recipient_key_id: str
-
-
-def check_context(header: SealedHeader, expected: ExpectedContext) -> None:
-    for name in ("job_id", "round", "owner_id", "sender_key_id", "adapter_spec_digest", "recipient_key_id"):
-        got, want = getattr(header, name), getattr(expected, name)
-        if got != want:
-            raise ContextMismatchError(f"{name}: sealed for {got!r}, expected {want!r}")
 
 
 def verify_sealed_signature(header_json: bytes, wrapped_key: bytes, signature: bytes, ciphertext_sha256: bytes,
@@ -372,17 +262,24 @@ def _decrypt(stream: BinaryIO, header: SealedHeader, wrapped_key: bytes,
     out, n, size = memoryview(plaintext), header.num_chunks, header.chunk_size
     buffer = memoryview(bytearray(size + TAG_BYTES))
     running = hashlib.sha256()
-    for i in range(n):
-        want = min(size, header.plaintext_length - i * size) + TAG_BYTES
-        if _read_into(stream, buffer[:want]) != want:
-            raise TruncatedError(f"chunk {i} of {n} is incomplete")
-        target = out[i * size:i * size + want - TAG_BYTES]
-        try:
-            aead.decrypt_into(_nonce(i, i == n - 1), buffer[:want], aad, target)
-        except InvalidTag as error:
-            raise DecryptionError(f"chunk {i} of {n} fails authentication (tampered, reordered or "
-                                  f"misplaced)") from error
-        running.update(target)
+    # As in sealing: the plaintext is hashed on a second core while the next chunk is read and decrypted.
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        pending = None
+        for i in range(n):
+            want = min(size, header.plaintext_length - i * size) + TAG_BYTES
+            if _read_into(stream, buffer[:want]) != want:
+                raise TruncatedError(f"chunk {i} of {n} is incomplete")
+            target = out[i * size:i * size + want - TAG_BYTES]
+            try:
+                aead.decrypt_into(_nonce(i, i == n - 1), buffer[:want], aad, target)
+            except InvalidTag as error:
+                raise DecryptionError(f"chunk {i} of {n} fails authentication (tampered, reordered or "
+                                      f"misplaced)") from error
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(running.update, target)
+        if pending is not None:
+            pending.result()
     if stream.read(1):
         raise TrailingDataError("data after the final chunk")
     if not hmac.compare_digest(running.hexdigest(), header.plaintext_sha256):

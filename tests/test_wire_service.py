@@ -247,3 +247,28 @@ def test_tls_and_mutual_tls(tmp_path: Path, bundle_dir: tuple[Path, Ed25519Priva
             assert rpc_error(anonymous.get_job, "jobA").code() == CODE.UNAVAILABLE
     finally:
         server.stop()
+
+
+def test_delta_key_rotation_keeps_old_deltas_openable(wire: Wire) -> None:
+    before = wire.job()
+    sealed_to_old = wire.seal(owner="alice")
+    new_id = wire.store.keyring.rotate()
+    after = wire.job()
+    assert after.delta_key_id == new_id != before.delta_key_id
+    assert not wire.client.submit_sealed(sealed_to_old).already_accepted
+    assert wire.seal(owner="bob").header.recipient_key_id == new_id
+
+
+def test_only_the_server_start_clears_partial_uploads(tmp_path: Path) -> None:
+    from coordinator.state import StateStore
+
+    StateStore(tmp_path).close()
+    partial = tmp_path / "blobs" / "tmp" / "upload-inflight"
+    orphan = tmp_path / "blobs" / "sha256" / ("ab" * 32)
+    partial.write_bytes(b"half")
+    orphan.write_bytes(b"renamed, never committed")
+    StateStore(tmp_path).close()  # an admin command beside a live server
+    assert partial.exists() and orphan.exists()
+    store = StateStore(tmp_path, recover=True)
+    store.close()
+    assert not partial.exists() and not orphan.exists() and len(store.recovered) == 2
