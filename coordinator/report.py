@@ -22,7 +22,6 @@ from coordinator.distill import (
     split_of,
 )
 from emulator.corpus import (
-    Batch,
     corpus_digest,
     default_corpus,
     eval_batches,
@@ -32,7 +31,7 @@ from emulator.corpus import (
 )
 from emulator.fidelity import hidden_fidelity, perplexity
 from emulator.loading import load_tokenizer
-from emulator.quantize import model_bytes, quantize, train_step_peak_bytes
+from emulator.quantize import model_bytes, quantize
 from emulator.surgery import Emulator, build_emulator
 from protos.bundle import VerifiedBundle
 
@@ -48,19 +47,13 @@ def report_documents(verified: VerifiedBundle, corpus: Sequence[Path] | None) ->
     return split_documents(read_documents(paths), percent)[1]
 
 
-def _memory(emulator: Emulator, batch: Batch) -> dict[str, int | None]:
-    bottom = [f"{emulator.location.prefix}.{j}" for j in range(len(emulator.plan.bottom))]
-    return {"param_bytes": model_bytes(emulator.model),
-            "train_step_peak_bytes": train_step_peak_bytes(emulator.model, bottom, batch)}
-
-
 def fidelity_report(bundle: Path | VerifiedBundle, public_key: Ed25519PublicKey, *, full: PreTrainedModel | None = None,
                     model: str | None = None, corpus: Sequence[Path] | None = None, max_docs: int = 64,
                     batch_size: int = 16, seq_len: int = 128, int8: bool = True) -> dict[str, dict[str, Any]]:
     """One object per variant: ``full``, ``layer_drop``, ``distilled`` (only for a distilled bundle) and, with
     ``int8``, ``layer_drop_int8`` / ``distilled_int8``. Causal models get ``perplexity``; encoders get
     ``normalized_error`` and ``cosine`` of the final hidden states against the full model (padding excluded).
-    Emulators also get ``memory`` (parameter + buffer bytes, peak bytes of a bottom-adapter training step)."""
+    Every variant gets ``memory.param_bytes`` (parameter + buffer bytes)."""
     verified = open_bundle(bundle, public_key)
     if full is None:
         full = load_full_model(verified, model)
@@ -89,7 +82,7 @@ def fidelity_report(bundle: Path | VerifiedBundle, public_key: Ed25519PublicKey,
         is_int8 = name.endswith("_int8") or bool(verified.manifest.get("emulator", {}).get("quantization")
                                                  and name == "distilled")
         report[name] = {**scores, "quantization": "int8" if is_int8 else "none",
-                        "memory": _memory(emulator, batches[0])}
+                        "memory": {"param_bytes": model_bytes(emulator.model)}}
     return report
 
 

@@ -20,7 +20,6 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from emulator.corpus import Batch
 from emulator.surgery import Emulator
 from protos.bundle import EMULATOR_DIR, MANIFEST, VerifiedBundle
 
@@ -147,31 +146,6 @@ def model_bytes(model: nn.Module) -> int:
     for tensor in [*model.parameters(), *model.buffers()]:
         seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     return sum(seen.values())
-
-
-def train_step_peak_bytes(model: PreTrainedModel, trainable_prefixes: list[str], batch: Batch) -> int | None:
-    """Peak memory (parameters, buffers, gradients, activations) of one forward + backward with only
-    ``trainable_prefixes`` (the bottom adapter blocks, say) trainable; None where torch cannot track it."""
-    try:
-        from torch.distributed._tools.mem_tracker import MemTracker
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return None
-    wanted = tuple(p + "." for p in trainable_prefixes)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(wanted))
-    tracker = MemTracker()
-    tracker.track_external(model)
-    try:
-        with tracker:
-            out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            out.last_hidden_state.pow(2).mean().backward()
-        peak = tracker.get_tracker_snapshot("peak")
-    finally:
-        for name, param in model.named_parameters():
-            param.grad = None
-            param.requires_grad_(flags[name])
-    return int(sum(int(v.get("Total", 0)) for v in peak.values()))
 
 
 def count_weights(model: nn.Module) -> int:
