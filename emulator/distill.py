@@ -154,7 +154,7 @@ def distill(full: PreTrainedModel, emulator: Emulator, tokenizer: PreTrainedToke
     pairs = match_pairs(emulator, config.per_block)
     settings = {"config": asdict(config), **(meta or {})}
 
-    step = 0
+    step, running_kd = 0, float("nan")
     best: dict[str, Any] = {}
     curve: list[dict[str, float]] = []
     checkpoint = load_checkpoint(work_dir) if resume else None
@@ -168,7 +168,7 @@ def distill(full: PreTrainedModel, emulator: Emulator, tokenizer: PreTrainedToke
                 params[n].copy_(tensors[f"student/{n}"])
         load_optimizer_tensors(optimizer, tensors)
         torch.set_rng_state(tensors["rng/torch"])
-        step, curve = state["step"], state["curve"]
+        step, curve, running_kd = state["step"], state["curve"], state["running_kd"]
         best = {"step": state["best_step"], "loss": state["best_loss"], "scores": state["best_scores"],
                 "start": state["start_scores"], "weights": {n: tensors[f"best/{n}"] for n in names}}
     else:
@@ -185,14 +185,13 @@ def distill(full: PreTrainedModel, emulator: Emulator, tokenizer: PreTrainedToke
         save_checkpoint(work_dir, tensors, {
             "settings": settings, "step": step, "data_position": step * config.batch_size, "curve": curve,
             "best_step": best["step"], "best_loss": best["loss"], "best_scores": best["scores"],
-            "start_scores": best["start"],
+            "start_scores": best["start"], "running_kd": running_kd,
         })
 
     # -- train
     first = step
     last = config.steps if stop_after is None else min(config.steps, first + stop_after)
     bar = tqdm(range(first, last), initial=first, total=config.steps, desc="distill", disable=not progress)
-    running_kd = float("nan")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(step)
