@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def corpus_file(directory: Path, n: int = 60) -> Path:
     lines = []
     for i in range(n):
         text = " ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 17))
-        lines.append('{"text": "%s %d"}' % (text, i))
+        lines.append(json.dumps({"text": f"{text} {i}"}))
     path = directory / "corpus.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
