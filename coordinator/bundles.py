@@ -8,11 +8,12 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import save_file
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.loading import (
     EMBEDDED_MODEL_NAME,
@@ -22,8 +23,11 @@ from emulator.loading import (
     load_tokenizer,
     resolve_model,
 )
+from emulator.quantize import count_weights, save_emulator
+from emulator.quantize import quantize as quantize_emulator
 from emulator.split import SplitConfig
 from emulator.surgery import adapter_spec, build_emulator, count_parameters, extract_adapter
+from protos.adapter_spec import AdapterSpec
 from protos.bundle import ADAPTER_SPEC_FILE, ADAPTER_WEIGHTS_FILE, EMULATOR_DIR, TOKENIZER_DIR, sign_bundle
 
 
@@ -81,6 +85,39 @@ def _block_parameters(model: PreTrainedModel, prefix: str, blocks: list[int]) ->
     return sum(p.numel() for name, p in model.named_parameters() if name.startswith(wanted))
 
 
+def write_bundle(out: Path, key: Ed25519PrivateKey, fields: dict[str, Any], emulator_model: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase, spec: AdapterSpec, adapter: dict[str, torch.Tensor], *,
+                 quantization: dict[str, Any] | None = None, extra_files: dict[str, bytes] | None = None,
+                 force: bool = False) -> dict[str, Any]:
+    """The one bundle writer: emulator, tokenizer, adapter and ``extra_files``, then the signed manifest holding
+    ``fields`` (plus the ``emulator`` entry). ``out`` appears only once it is complete; returns the manifest."""
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_emulator(emulator_model, partial / EMULATOR_DIR, quantization)
+    tokenizer.save_pretrained(partial / TOKENIZER_DIR)
+    (partial / "adapter").mkdir()
+    spec.save(partial / ADAPTER_SPEC_FILE)
+    save_file(adapter, str(partial / ADAPTER_WEIGHTS_FILE))
+    for rel, data in (extra_files or {}).items():
+        (partial / rel).write_bytes(data)
+    emulator_entry: dict[str, Any] = {"dir": EMULATOR_DIR, "num_parameters": count_weights(emulator_model)}
+    if quantization is not None:
+        emulator_entry["quantization"] = quantization
+    manifest = sign_bundle(partial, {**fields, "emulator": emulator_entry}, key)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, out)
+    return manifest
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def build_bundle(
     full: PreTrainedModel,
     tokenizer_source: str,
@@ -93,26 +130,19 @@ def build_bundle(
     extra_adapter_tensors: tuple[str, ...] = (),
     extra_manifest: dict[str, object] | None = None,
     force: bool = False,
+    quantize: str = "none",
 ) -> BuildSummary:
     """Write a signed bundle for ``full`` at ``out``; the directory appears only once it is complete."""
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     emulator = build_emulator(full, split)
     spec = adapter_spec(full, emulator.location, emulator.plan, extra_tensors=extra_adapter_tensors)
-
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    emulator.model.save_pretrained(partial / EMULATOR_DIR, safe_serialization=True)
-    load_tokenizer(tokenizer_source).save_pretrained(partial / TOKENIZER_DIR)
-    (partial / "adapter").mkdir()
-    spec.save(partial / ADAPTER_SPEC_FILE)
-    save_file(extract_adapter(full, spec, from_emulator=False), str(partial / ADAPTER_WEIGHTS_FILE))
+    quantization = quantize_emulator(emulator, quantize)
 
     plan, location = emulator.plan, emulator.location
     fields = {
         "kind": "offsite-bundle",
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_at": now_utc(),
         "task": task,
         "base_model": {
             "id": model_id,
@@ -139,15 +169,11 @@ def build_bundle(
             "weights_file": ADAPTER_WEIGHTS_FILE,
             "num_parameters": spec.num_parameters(),
         },
-        "emulator": {"dir": EMULATOR_DIR, "num_parameters": count_parameters(emulator.model)},
         "tokenizer": {"dir": TOKENIZER_DIR},
         **(extra_manifest or {}),
     }
-    sign_bundle(partial, fields, key)
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(partial, out)
+    write_bundle(out, key, fields, emulator.model, load_tokenizer(tokenizer_source), spec,
+                 extract_adapter(full, spec, from_emulator=False), quantization=quantization, force=force)
 
     return BuildSummary(
         out=out,
@@ -155,7 +181,7 @@ def build_bundle(
         family=location.family,
         n_layers=location.n_layers,
         full_parameters=count_parameters(full),
-        emulator_parameters=count_parameters(emulator.model),
+        emulator_parameters=count_weights(emulator.model),
         adapter_parameters=spec.num_parameters(),
         middle_parameters=_block_parameters(full, location.prefix, plan.middle),
         kept_middle_parameters=_block_parameters(full, location.prefix, plan.kept_middle),
@@ -165,9 +191,10 @@ def build_bundle(
 
 
 def build_bundle_from_model(model: str | None, split: SplitConfig, out: Path, key: Ed25519PrivateKey, *,
-                            task: str = "auto", force: bool = False) -> BuildSummary:
+                            task: str = "auto", force: bool = False, quantize: str = "none") -> BuildSummary:
     """Load ``model`` (a path, hub id, or None for the embedded MiniLM) and build its bundle."""
     source = resolve_model(model)
     task = infer_task(source) if task == "auto" else task
     full = load_model(source, task)
-    return build_bundle(full, source, base_model_id(model), split, out, key, task=task, force=force)
+    return build_bundle(full, source, base_model_id(model), split, out, key, task=task, force=force,
+                        quantize=quantize)

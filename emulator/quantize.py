@@ -1,0 +1,154 @@
+"""Weight-only int8 for the emulator's frozen middle blocks, and loading an emulator (plain or int8) from a bundle.
+
+Each ``nn.Linear`` (or GPT-2 style ``Conv1D``) of a kept middle block becomes an :class:`Int8Linear`: int8 weights
+with one symmetric fp32 scale per output channel, dequantized on the fly, so gradients still flow through the
+middle to the bottom adapter blocks. In the bundle the emulator is then ``config.json`` + ``model.safetensors``
+holding the int8 tensors and their scales; the manifest's ``emulator.quantization`` lists the replaced modules.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from emulator.surgery import Emulator
+from protos.bundle import EMULATOR_DIR, MANIFEST, VerifiedBundle
+
+INT8 = "int8"
+QUANTIZE_CHOICES = ("none", INT8)
+WEIGHTS_FILE = "model.safetensors"
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b`` with ``W`` stored as int8 (out, in) and one fp32 scale per output channel."""
+
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+        """weight: (out, in) float."""
+        module = cls(weight.shape[1], weight.shape[0], bias is not None)
+        scale = weight.detach().abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
+        module.weight_int8.copy_(torch.round(weight.detach() / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        module.weight_scale.copy_(scale)
+        if bias is not None and module.bias is not None:
+            module.bias.data.copy_(bias.detach())
+        return module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (out, in) weight."""
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def _float_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(module, Conv1D):  # GPT-2: weight (in, out), y = x W + b
+        return module.weight.t(), module.bias
+    assert isinstance(module, nn.Linear)
+    return module.weight, module.bias
+
+
+def quantizable_modules(model: nn.Module, prefixes: list[str]) -> list[str]:
+    """Names of the Linear / Conv1D modules under any of ``prefixes`` (block prefixes such as ``encoder.layer.2``)."""
+    wanted = tuple(p + "." for p in prefixes)
+    return [name for name, module in model.named_modules()
+            if name.startswith(wanted) and isinstance(module, nn.Linear | Conv1D)]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantize_modules(model: nn.Module, names: list[str]) -> None:
+    """Replace each named Linear / Conv1D by its :class:`Int8Linear`, in place."""
+    for name in names:
+        weight, bias = _float_weight(model.get_submodule(name))
+        _replace(model, name, Int8Linear.from_float(weight, bias))
+
+
+def middle_prefixes(emulator: Emulator) -> list[str]:
+    b = len(emulator.plan.bottom)
+    return [f"{emulator.location.prefix}.{b + j}" for j in range(len(emulator.plan.kept_middle))]
+
+
+def quantize(emulator: Emulator, method: str = INT8) -> dict[str, Any] | None:
+    """Quantize the emulator's kept middle blocks in place; return the manifest's ``emulator.quantization``."""
+    if method not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {method!r}")
+    if method == "none":
+        return None
+    names = quantizable_modules(emulator.model, middle_prefixes(emulator))
+    quantize_modules(emulator.model, names)
+    return {"method": "int8-weight-only", "granularity": "per-output-channel", "modules": names}
+
+
+def save_emulator(model: PreTrainedModel, directory: Path, quantization: dict[str, Any] | None) -> None:
+    """A plain emulator with ``save_pretrained``; an int8 one as its config plus one safetensors file."""
+    if quantization is None:
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    save_model(model, str(directory / WEIGHTS_FILE))
+
+
+def load_emulator(bundle: Path | VerifiedBundle) -> PreTrainedModel:
+    """The emulator of a bundle (verify it first and pass the :class:`VerifiedBundle`), plain or int8, in eval mode.
+
+    A path is read as is, unverified: only for bundles the caller already trusts.
+    """
+    if isinstance(bundle, VerifiedBundle):
+        root, manifest = bundle.root, bundle.manifest
+    else:
+        root = Path(bundle)
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    model_class = getattr(transformers, manifest["base_model"]["class"])
+    quantization = manifest.get("emulator", {}).get("quantization")
+    directory = root / EMULATOR_DIR
+    if quantization is None:
+        model: PreTrainedModel = model_class.from_pretrained(directory)
+    else:
+        model = model_class(AutoConfig.from_pretrained(directory))
+        for name in quantization["modules"]:
+            weight, bias = _float_weight(model.get_submodule(name))
+            _replace(model, name, Int8Linear(weight.shape[1], weight.shape[0], bias is not None))
+        load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+    return model.eval()
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def count_weights(model: nn.Module) -> int:
+    """Parameters plus int8 weights: the emulator's parameter count whether or not it is quantized."""
+    int8 = sum(m.weight_int8.numel() for m in model.modules() if isinstance(m, Int8Linear))
+    return sum(p.numel() for p in model.parameters()) + int8
