@@ -21,6 +21,14 @@ from protos import crypto
 from protos.bundle import BundleError, VerifiedBundle, verify_bundle_dir
 
 
+# What a SuperNode's --node-config may set (run config supplies the rest, e.g. job-id).
+NODE_CONFIG_KEYS = frozenset({
+    "partition-id", "num-partitions", "coordinator", "coordinator-key", "owner-key", "owners-dir", "cache-dir",
+    "train-file", "root-cert", "insecure", "partition", "seed", "val-fraction", "torch-threads", "progress",
+    "job-id",
+})
+
+
 def settings_of(context: Context, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Run config, then this node's config, then in-process overrides (simulation)."""
     return {**dict(context.run_config), **dict(context.node_config), **dict(overrides)}
@@ -47,7 +55,7 @@ def owner_key_path(settings: Mapping[str, Any], partition_id: int) -> Path:
 
 def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     settings = settings_of(context, overrides)
-    round_config = msg.content["config"]
+    round_config: dict[str, Any] = dict(msg.content.config_records["config"])
     torch.set_num_threads(int(settings.get("torch-threads", max(1, (os.cpu_count() or 2) // 2))))
     partition_id = setting(settings, "partition-id", int)
     num_partitions = setting(settings, "num-partitions", int)
@@ -77,7 +85,7 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
             batch_size=int(round_config["batch-size"]), max_length=int(round_config["max-length"]),
             seed=int(round_config["seed"]) + 7919 * partition_id + int(round_config["server-round"]),
         )
-        global_adapter = msg.content["global"].to_torch_state_dict()
+        global_adapter = msg.content.array_records["global"].to_torch_state_dict()
         result, _ = train_round(bundle, global_adapter, train_examples, val_examples, method, train_config,
                                 show_progress=bool(settings.get("progress", True)))
         receipt = client.submit_delta(job, int(round_config["server-round"]), result.delta, owner_key,

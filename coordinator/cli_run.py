@@ -58,6 +58,10 @@ def simulate_command(
     batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 16,
     max_length: Annotated[int, typer.Option(help="Token cap per example.")] = 64,
     baseline: Annotated[str | None, typer.Option(help="full-ft: also fine-tune the full model centrally.")] = None,
+    distill_steps: Annotated[int, typer.Option(help="Distil the emulator first (0: plain layer drop); the "
+                                                    "report then compares both emulators.")] = 0,
+    min_replies: Annotated[int | None, typer.Option(help="Fewer accepted deltas abort a round [default: all "
+                                                         "clients].")] = None,
     workdir: Annotated[Path | None, typer.Option(help="Run directory (resumes if it exists) [default: temp].")]
     = None,
 ) -> None:
@@ -67,7 +71,8 @@ def simulate_command(
                                 workdir=workdir or Path(tempfile.mkdtemp(prefix="offsite-sim-")), clients=clients,
                                 rounds=rounds, bottom=bottom, top=top, keep=keep, method=method,
                                 partition=partition, seed=seed, epochs=epochs, lr=lr, batch_size=batch_size,
-                                max_length=max_length, baseline=baseline)
+                                max_length=max_length, baseline=baseline, distill_steps=distill_steps,
+                                min_replies=min_replies)
     except ValueError as error:
         fail(str(error))
     run_simulation_command(config, report)
@@ -76,15 +81,17 @@ def simulate_command(
 def demo_command(
     workdir: Annotated[Path | None, typer.Option(help="Run directory [default: ./offsite-demo].")] = None,
     baseline: Annotated[str | None, typer.Option(help="full-ft (the default) or none.")] = "full-ft",
+    distill_steps: Annotated[int, typer.Option(help="Distillation steps for the owners' emulator.")] = 40,
 ) -> None:
-    """The embedded default, end to end: all-MiniLM-L6-v2 and WordNet glosses, 2 data owners, 2 rounds."""
+    """The embedded default, end to end: all-MiniLM-L6-v2 (1-2-1 emulator, distilled), WordNet glosses,
+    2 data owners, 2 rounds, and the report with the full fine-tuning baseline."""
     if not (DEMO_DATA / "train.jsonl").is_file():
         fail(f"the demo dataset is missing under {DEMO_DATA}; run from a clone of the repository")
     work = workdir or Path("offsite-demo")
     config = SimulateConfig(model=None, task="classification", train_file=DEMO_DATA / "train.jsonl",
                             eval_file=DEMO_DATA / "eval.jsonl", workdir=work, clients=2, rounds=2,
                             bottom=1, top=1, keep=2, method="layers", epochs=1, lr=5e-4,
-                            baseline=None if baseline in (None, "none") else baseline)
+                            baseline=None if baseline in (None, "none") else baseline, distill_steps=distill_steps)
     run_simulation_command(config, work / "report.json")
 
 

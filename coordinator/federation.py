@@ -57,6 +57,9 @@ class FederationSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FederationSettings:
+        for key in ("state-dir", "checkpoint-dir", "job-id"):
+            if not str(config.get(key, "")):
+                raise ValueError(f"run config {key!r} is not set; pass it with flwr run --run-config")
         train_keys = ("method", "lora-r", "lora-alpha", "epochs", "lr", "batch-size", "max-length", "seed")
         return cls(
             state_dir=Path(str(config["state-dir"])),
@@ -80,7 +83,7 @@ def load_progress(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"completed_round": 0, "rounds": []}
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     with open(tmp, "rb") as stream:

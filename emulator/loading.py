@@ -57,7 +57,8 @@ def load_model(model: str, task: str = "auto", num_labels: int | None = None) ->
         if task == "causal-lm":
             loaded = AutoModelForCausalLM.from_pretrained(model)
         elif task == "classification":
-            kwargs = {} if num_labels is None else {"num_labels": num_labels}
+            # A new label set replaces any head the checkpoint has: a deliberate size mismatch.
+            kwargs = {} if num_labels is None else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
             loaded = AutoModelForSequenceClassification.from_pretrained(model, **kwargs)
         else:
             loaded = AutoModel.from_pretrained(model)

@@ -66,18 +66,18 @@ def collate(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, tas
         if tokenizer.eos_token_id is not None:
             completion = completion + [tokenizer.eos_token_id] if example.completion is not None else completion
         ids = (prompt + completion)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + completion if example.completion is not None else list(prompt))
-        rows.append((ids, labels[:max_length]))
+        targets = [IGNORE_INDEX] * len(prompt) + completion if example.completion is not None else list(prompt)
+        rows.append((ids, targets[:max_length]))
     width = max(len(ids) for ids, _ in rows)
     pad = int(tokenizer.pad_token_id)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    label_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
+    for i, (ids, targets) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
+        label_ids[i, : len(targets)] = torch.tensor(targets)
         mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids}
 
 
 def batches(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, task: str, batch_size: int,

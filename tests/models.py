@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import (
+    AutoTokenizer,
     BertConfig,
+    BertForSequenceClassification,
     BertModel,
     BloomConfig,
     BloomForCausalLM,
@@ -78,3 +81,20 @@ def model_output(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tenso
         out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
+
+
+def tiny_classifier_dir(path: Path) -> Path:
+    """A tiny random BERT classifier with MiniLM's real tokenizer: a real transformers model that trains fast."""
+    from emulator.loading import embedded_model_path
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(path)
+    return path
+
+
+def subset(source: Path, target: Path, lines: int) -> Path:
+    target.write_text("".join(source.read_text().splitlines(keepends=True)[:lines]))
+    return target

@@ -6,7 +6,6 @@ import ast
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +44,3 @@ def test_no_unpickling_outside_tests() -> None:
             text = path.read_text()
             for needle in ("pickle.load", "torch.load(", "dill."):
                 assert needle not in text, f"{path}: {needle}"
-
-
-def test_docker_compose_parses() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    assert compose["services"]

@@ -1,0 +1,131 @@
+"""End to end in deployment mode: flower-superlink and two flower-supernode processes on localhost, the
+coordinator's gRPC service, and `flwr run` of this app for two rounds. Deltas travel sealed over gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from coordinator.federation import checkpoint_path
+from coordinator.server import start_server
+from coordinator.simulate import SimulateConfig, setup
+from coordinator.state import StateStore
+from tests.models import subset, tiny_classifier_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "wordnet-lexnames"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in started:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.mark.slow
+def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    work = tmp_path / "coordinator"
+    config = SimulateConfig(
+        model=str(tiny_classifier_dir(tmp_path / "tiny-bert")), task="classification",
+        train_file=subset(DATA / "train.jsonl", tmp_path / "train.jsonl", 96),
+        eval_file=subset(DATA / "eval.jsonl", tmp_path / "eval.jsonl", 24), workdir=work, clients=2, rounds=2,
+        bottom=1, top=1, keep=1, lr=1e-3, max_length=32,
+    )
+    prepared = setup(config)  # bundle, owners approved, job created, initial global adapter checkpointed
+    variant = prepared.variants[0]
+    job_id, checkpoints = variant.job_id, variant.checkpoints(work)
+    server = start_server(work / "state", 0, insecure=True, signing_key=prepared.coordinator_key)
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONUNBUFFERED": "1"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    try:
+        superlink = free_port()
+        (tmp_path / "superlink").mkdir()
+        processes.append(subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--port", str(superlink),
+             "--disable-runtime-dependency-installation"],
+            cwd=tmp_path / "superlink", env=env, stdout=open(logs / "superlink.log", "wb"), stderr=subprocess.STDOUT))
+        wait_for_port(superlink)
+        for partition in range(2):
+            node_config = " ".join([
+                f"partition-id={partition}", "num-partitions=2", f'coordinator="{server.address}"', "insecure=true",
+                f'coordinator-key="{work / "keys" / "coordinator.pub"}"',
+                f'owner-key="{work / "owners" / f"owner-{partition}.key"}"',
+                f'cache-dir="{tmp_path / f"node-{partition}-cache"}"', f'train-file="{config.train_file}"',
+                "progress=false",
+            ])
+            processes.append(subprocess.Popen(
+                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink}",
+                 "--port", str(free_port()), "--node-config", node_config],
+                env=env, stdout=open(logs / f"supernode-{partition}.log", "wb"), stderr=subprocess.STDOUT))
+
+        (tmp_path / "flwr-home").mkdir()
+        (tmp_path / "flwr-home" / "config.toml").write_text(
+            f'[superlink.local]\naddress = "127.0.0.1:{superlink}"\ninsecure = true\n')
+        run_config = tmp_path / "run.toml"
+        run_config.write_text("\n".join([
+            f'state-dir = "{work / "state"}"', f'job-id = "{job_id}"', f'checkpoint-dir = "{checkpoints}"',
+            "num-server-rounds = 2", "min-replies = 2", "node-wait = 90.0", "round-timeout = 240.0",
+            "lr = 0.001", "max-length = 32",
+        ]) + "\n")
+        run = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), "local", "--stream", "--run-config", str(run_config)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        output = run.stdout + run.stderr
+        assert run.returncode == 0, output[-4000:]
+    finally:
+        server.stop()
+
+    progress = json.loads((checkpoints / "progress.json").read_text())
+    diagnostics = output[-3000:] + "".join(p.read_text(errors="replace")[-1500:] for p in logs.iterdir())
+    assert progress["completed_round"] == 2, diagnostics
+    assert [r["state"] for r in progress["rounds"]] == ["AGGREGATED", "AGGREGATED"], diagnostics
+
+    store = StateStore(work / "state")
+    for round_number in (1, 2):
+        assert store.round_state(job_id, round_number) == "AGGREGATED"
+        uploads = store.accepted_uploads(job_id, round_number)
+        assert len(uploads) == 2 and len({u.owner_id for u in uploads}) == 2
+        for upload in uploads:  # at rest the delta is ciphertext: no safetensors header, no tensor names
+            blob = store.blobs.path(upload.blob_sha256).read_bytes()
+            assert b"encoder.layer" not in blob and b'"dtype"' not in blob
+    initial = load_file(str(checkpoint_path(checkpoints, 0)))
+    final = load_file(str(checkpoint_path(checkpoints, 2)))
+    changed = [name for name in initial if not (initial[name] == final[name]).all()]
+    assert changed, "the global adapter did not change"
