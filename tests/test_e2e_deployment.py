@@ -94,7 +94,7 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
                  "--port", str(free_port()), "--node-config", node_config],
                 env=env, stdout=open(logs / f"supernode-{partition}.log", "wb"), stderr=subprocess.STDOUT))
 
-        (tmp_path / "flwr-home").mkdir()
+        (tmp_path / "flwr-home").mkdir(exist_ok=True)
         (tmp_path / "flwr-home" / "config.toml").write_text(
             f'[superlink.local]\naddress = "127.0.0.1:{superlink}"\ninsecure = true\n')
         run_config = tmp_path / "run.toml"
