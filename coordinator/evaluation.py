@@ -78,6 +78,7 @@ class EvalReport:
                         color=["#999999" if "initial" in n else "#3b7dd8" if "emulator" in n else "#d8703b"
                                for n in names])
         axis.bar_label(bars, fmt="%.3f")
+        axis.set_ylim(top=max(self.rows.values()) * 1.15 if max(self.rows.values()) > 0 else None)
         axis.set_ylabel(self.metric)
         axis.set_title(f"offsite tuning: privacy gap {self.privacy_gap:+.3f}, utility gain {self.utility_gain:+.3f}")
         axis.tick_params(axis="x", rotation=20)

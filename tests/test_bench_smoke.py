@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/ot_vs_full.py on a tiny model: it runs, prints the four ratio lines, writes its files."""
+"""Smoke test of benchmarks/ot_vs_full.py on a tiny model: it runs, prints the five ratio lines, writes its files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RATIO_KEYS = ["throughput_ratio_layers", "memory_ratio_layers", "throughput_ratio_lora", "memory_ratio_lora"]
+RATIO_KEYS = ["throughput_ratio_layers", "memory_ratio_layers", "throughput_ratio_lora", "memory_ratio_lora",
+              "memory_ratio_lora_int8"]
 
 
 def test_ot_vs_full_quick(tmp_path: Path) -> None:
@@ -21,7 +22,7 @@ def test_ot_vs_full_quick(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-2000:]
 
-    last = proc.stdout.strip().splitlines()[-4:]
+    last = proc.stdout.strip().splitlines()[-5:]
     assert [line.partition("=")[0] for line in last] == RATIO_KEYS, last
     values = [float(line.partition("=")[2]) for line in last]
     assert all(value > 0 for value in values), last
@@ -31,5 +32,6 @@ def test_ot_vs_full_quick(tmp_path: Path) -> None:
     assert results["ot_layers"]["params_trainable"] < results["full"]["params_trainable"]
     assert results["ot_lora"]["params_trainable"] < results["ot_layers"]["params_trainable"]
     assert results["full"]["params_trainable"] == results["full"]["params_full_model"]
+    assert results["ot_lora_int8"]["params_trainable"] == results["ot_lora"]["params_trainable"]
     assert out.with_suffix(".png").stat().st_size > 0
     assert elapsed < 180
