@@ -28,6 +28,29 @@ QUANTIZE_CHOICES = ("none", INT8)
 WEIGHTS_FILE = "model.safetensors"
 
 
+class _Int8Linear(torch.autograd.Function):
+    """``x W^T + b`` that saves only the int8 weight and its scales for backward: ``F.linear`` on a dequantized
+    weight would keep an fp32 copy of every frozen middle weight alive until backward, undoing the saving."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight_int8, scale)
+        ctx.has_bias = bias is not None
+        weight = weight_int8.to(x.dtype) * scale.to(x.dtype)[:, None]  # (out, in), freed after this call
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight_int8, scale = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ (weight_int8.to(grad_out.dtype) * scale.to(grad_out.dtype)[:, None])  # (..., in)
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] \
+            else None
+        return grad_x, None, None, grad_bias
+
+
 class Int8Linear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored as int8 (out, in) and one fp32 scale per output channel."""
 
@@ -58,7 +81,9 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        result: torch.Tensor = _Int8Linear.apply(x, self.weight_int8, self.weight_scale, bias)
+        return result
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

@@ -76,3 +76,21 @@ def test_int8_bundle_loads_back_with_load_emulator(family: str, tmp_path: Path) 
     assert model_bytes(loaded) < model_bytes(plain)
     assert (tmp_path / "int8" / "emulator" / "model.safetensors").stat().st_size < \
         sum(p.stat().st_size for p in (tmp_path / "plain" / "emulator").glob("*.safetensors"))
+
+
+def test_int8_linear_backward_matches_the_dequantized_weight() -> None:
+    """The custom backward (int8 weights saved, not an fp32 copy) gives F.linear's gradients exactly."""
+    from emulator.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(16, 8)
+    quantized = Int8Linear.from_float(dense.weight, dense.bias)
+    quantized.bias.requires_grad_(True)  # type: ignore[union-attr]
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y = quantized(x)
+    reference = torch.nn.functional.linear(x, quantized.weight, quantized.bias)
+    assert torch.equal(y, reference)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, quantized.bias), grad)
+    want = torch.autograd.grad(reference, (x, quantized.bias), grad)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want, strict=True))
