@@ -106,9 +106,11 @@ def _lora_modules(spec: AdapterSpec, *, emulator: bool) -> list[str]:
             for t in spec.tensors if t.name.endswith(".lora_A.weight")]
 
 
-def _peft_config(config: MethodConfig, modules: list[str]) -> LoraConfig:
+def _peft_config(config: MethodConfig, model: nn.Module, modules: list[str]) -> LoraConfig:
+    conv1d = any(isinstance(model.get_submodule(m), Conv1D) for m in modules)  # GPT-2 stores weights (in, out)
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules="^(" + "|".join(re.escape(m) for m in modules) + ")$", bias="none")
+                      target_modules="^(" + "|".join(re.escape(m) for m in modules) + ")$", bias="none",
+                      fan_in_fan_out=conv1d)
 
 
 def _freeze_all_but(model: nn.Module, spec: AdapterSpec) -> nn.Module:
@@ -123,7 +125,8 @@ def _wrap_plain(emulator: PreTrainedModel, spec: AdapterSpec, config: MethodConf
 
 
 def _wrap_lora(emulator: PreTrainedModel, spec: AdapterSpec, config: MethodConfig) -> nn.Module:
-    model = get_peft_model(emulator, _peft_config(config, _lora_modules(spec, emulator=True)))
+    modules = _lora_modules(spec, emulator=True)
+    model = get_peft_model(emulator, _peft_config(config, emulator, modules))
     return _freeze_all_but(model, spec)
 
 
@@ -139,7 +142,8 @@ def _plug_lora(full: PreTrainedModel, spec: AdapterSpec, adapter: Mapping[str, t
                config: MethodConfig) -> PreTrainedModel:
     """Merge ``W += B @ A * alpha / r`` into each adapter-block Linear of the full model, and copy the head."""
     check_adapter(spec, adapter)
-    wrapped = get_peft_model(full, _peft_config(config, _lora_modules(spec, emulator=False)))
+    modules = _lora_modules(spec, emulator=False)
+    wrapped = get_peft_model(full, _peft_config(config, full, modules))
     named = _named_tensors(wrapped)
     with torch.no_grad():
         for t in spec.tensors:
