@@ -20,7 +20,6 @@ from emulator.train import TrainConfig
 from protos import crypto
 from protos.bundle import BundleError, VerifiedBundle, verify_bundle_dir
 
-
 # What a SuperNode's --node-config may set (run config supplies the rest, e.g. job-id).
 NODE_CONFIG_KEYS = frozenset({
     "partition-id", "num-partitions", "coordinator", "coordinator-key", "owner-key", "owners-dir", "cache-dir",

@@ -143,7 +143,9 @@ def _bundles(config: SimulateConfig, full_dir: Path, key: Ed25519PrivateKey,
         with console.status("building the signed layer-drop bundle"):
             build_bundle(full, str(full_dir), str(config.model or "embedded:all-MiniLM-L6-v2"),
                          SplitConfig(config.bottom, config.top, config.keep), plain, key, task=config.task,
-                         extra_adapter_tensors=head_parameters(full), extra_manifest={"labels": labels},
+                         # a new classification head trains with the adapter; an LM head stays frozen (as in the paper)
+                         extra_adapter_tensors=head_parameters(full) if config.task == "classification" else (),
+                         extra_manifest={"labels": labels},
                          force=True)
     if config.distill_steps == 0:
         return [("layer_drop", plain)]

@@ -98,3 +98,13 @@ def tiny_classifier_dir(path: Path) -> Path:
 def subset(source: Path, target: Path, lines: int) -> Path:
     target.write_text("".join(source.read_text().splitlines(keepends=True)[:lines]))
     return target
+
+
+def tiny_causal_dir(path: Path) -> Path:
+    """A tiny random GPT-2 over MiniLM's real tokenizer (vocab 30522): a causal LM that trains in seconds."""
+    from emulator.loading import embedded_model_path
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=128, vocab_size=30522)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(path)
+    return path

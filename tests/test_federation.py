@@ -16,7 +16,7 @@ from coordinator.server import start_server
 from coordinator.simulate import SimulateConfig, setup, simulate
 from coordinator.state import StateStore
 from protos import crypto
-from tests.models import subset, tiny_classifier_dir
+from tests.models import subset, tiny_causal_dir, tiny_classifier_dir
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "wordnet-lexnames"
 
@@ -116,3 +116,29 @@ def test_too_few_deltas_abort_the_round(base_config: SimulateConfig, tmp_path: P
     checkpoints = variant.checkpoints(config.workdir)
     initial, after = load_file(str(checkpoint_path(checkpoints, 0))), load_file(str(checkpoint_path(checkpoints, 1)))
     assert all(torch.equal(initial[n], after[n]) for n in initial)
+
+
+@pytest.mark.slow
+def test_causal_lm_with_lora(tmp_path: Path) -> None:
+    """Prompt + completion data, LoRA on the adapter blocks, perplexity (lower is better) in the report."""
+    docs = (Path(__file__).resolve().parents[1] / "examples" / "corpus" / "python-docstrings.txt").read_text()
+    lines = [line for line in docs.splitlines() if len(line.split()) > 8][:80]
+    rows = [json.dumps({"prompt": " ".join(line.split()[:4]), "completion": " " + " ".join(line.split()[4:24])})
+            for line in lines]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:64]) + "\n")
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps({"text": line}) for line in lines[64:]) + "\n")
+    config = SimulateConfig(
+        model=str(tiny_causal_dir(tmp_path / "tiny-gpt2")), task="causal-lm", train_file=tmp_path / "train.jsonl",
+        eval_file=tmp_path / "eval.jsonl", workdir=tmp_path / "run", clients=2, rounds=1, bottom=1, top=1, keep=1,
+        method="lora", lr=5e-3, max_length=48, node_wait=5.0,
+    )
+    report = simulate(config, tmp_path / "report.json")
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["metric"] == "perplexity" and written["higher_is_better"] is False
+    assert "lower perplexity is better" in written["note"]
+    assert report.rows["emulator_tuned"] < report.rows["emulator_initial"]  # LoRA really trained
+    variant = setup(config).variants[0]
+    store = StateStore(config.workdir / "state")
+    spec = store.job(variant.job_id).adapter_spec
+    store.close()
+    assert spec.method == "lora" and all("lora_" in name for name in spec.names)  # no LM head in the adapter
