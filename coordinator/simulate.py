@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -229,7 +230,7 @@ def start_ray(num_cpus: int, attempts: int = 3) -> None:
     os.environ["PYTHONPATH"] = pythonpath  # what Flower's backend does when it starts Ray itself
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning",
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                      runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
             return
         except Exception as error:  # Ray raises a bare Exception when its node starts too slowly
