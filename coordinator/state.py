@@ -8,7 +8,6 @@ upload id. An upload exists only once its row is committed; its blob stays encry
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sqlite3
 import threading
@@ -28,6 +27,7 @@ from coordinator.keyring import DeltaKeyring
 from protos.adapter_spec import AdapterSpec
 from protos.bundle import ADAPTER_WEIGHTS_FILE, pack_bundle, verify_bundle_dir
 from protos.crypto import key_id, public_key_bytes, public_key_from_raw, sha256_file
+from protos.sealed_header import ID_PATTERN
 from protos.tensors import global_norm
 
 DB_FILE = "state.db"
@@ -50,7 +50,6 @@ CREATE TABLE IF NOT EXISTS uploads (
     num_examples INTEGER NOT NULL, accepted_at TEXT NOT NULL, receipt_json BLOB NOT NULL, receipt_sig BLOB NOT NULL,
     UNIQUE (job_id, round, owner_id), FOREIGN KEY (job_id, round) REFERENCES rounds(job_id, round));
 """
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 TRANSITIONS = {"close": ({"OPEN"}, "CLOSED"), "aggregate": ({"CLOSED"}, "AGGREGATED"),
                "abort": ({"OPEN", "CLOSED"}, "ABORTED")}
 DEFAULT_MAX_UPLOAD = 1 << 31
@@ -62,7 +61,7 @@ def now() -> str:
 
 
 def check_id(kind: str, value: str) -> str:
-    if not _ID.match(value):
+    if not ID_PATTERN.match(value):  # the ids a sealed header may carry
         raise ValueError(f"{kind} {value!r}: use letters, digits, '.', '_', ':' or '-' (at most 128)")
     return value
 

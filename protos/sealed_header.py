@@ -17,7 +17,7 @@ TAG_BYTES = 16
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1 << 10, 1 << 24
 MAX_HEADER_BYTES = 1 << 14
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")  # job, owner and upload ids
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -115,7 +115,7 @@ def check_header_values(data: dict[str, Any]) -> None:
     if data["format"] != FORMAT or data["version"] != FORMAT_VERSION:
         raise HeaderError(f"unsupported format {data['format']!r} version {data['version']!r} (supported: 1)")
     for name in ("job_id", "owner_id", "upload_id"):
-        if not isinstance(data[name], str) or not _ID.match(data[name]):
+        if not isinstance(data[name], str) or not ID_PATTERN.match(data[name]):
             raise HeaderError(f"{name}: not a valid identifier")
     for name in ("sender_key_id", "recipient_key_id"):
         if not isinstance(data[name], str) or not _HEX32.match(data[name]):
