@@ -17,8 +17,8 @@ from transformers import (
 
 from emulator.aggregate import delta_of
 from emulator.data import Example, load_examples
-from emulator.loading import load_emulator_dir
 from emulator.methods import MethodConfig, extract, load, make_trainable, method_spec
+from emulator.quantize import load_emulator
 from emulator.train import TrainConfig, evaluate, train
 from protos.adapter_spec import AdapterSpec
 from protos.bundle import VerifiedBundle
@@ -72,7 +72,7 @@ def train_round(bundle: VerifiedBundle, global_adapter: Mapping[str, torch.Tenso
     """Train the adapter on the emulator from the global adapter; return the delta and validation metrics."""
     task = str(bundle.manifest.get("task", "causal-lm"))
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_dir)
-    emulator = load_emulator_dir(bundle.emulator_dir, task)
+    emulator = load_emulator(bundle)  # plain or int8, with the head class the manifest names
     spec = method_spec(bundle.adapter_spec, emulator, method)
     torch.manual_seed(config.seed)
     model = make_trainable(emulator, spec, method)

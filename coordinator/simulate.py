@@ -43,8 +43,9 @@ from coordinator.server import start_server
 from coordinator.state import StateStore
 from emulator.data import labels_of, load_examples
 from emulator.distill import DistillConfig
-from emulator.loading import load_emulator_dir, load_model, load_tokenizer, resolve_model
+from emulator.loading import load_model, load_tokenizer, resolve_model
 from emulator.methods import MethodConfig, extract, head_parameters, make_trainable, method_spec
+from emulator.quantize import load_emulator
 from emulator.split import SplitConfig
 from emulator.train import TrainConfig
 from protos import crypto
@@ -175,7 +176,7 @@ def _job(config: SimulateConfig, store: StateStore, variant: Variant, key: Ed255
     """The job's adapter spec (for the chosen method) and its initial global adapter, checkpointed as round 0."""
     if variant.job_id in store.jobs():
         return
-    emulator = load_emulator_dir(variant.bundle.emulator_dir, config.task)
+    emulator = load_emulator(variant.bundle)
     spec = method_spec(variant.bundle.adapter_spec, emulator, config.method_config)
     torch.manual_seed(config.seed)  # LoRA's A matrices
     initial = extract(make_trainable(emulator, spec, config.method_config), spec)
@@ -291,7 +292,7 @@ def evaluate_run(config: SimulateConfig, prepared: Setup, report_path: Path) -> 
     eval_examples = load_examples(config.eval_file, config.task, prepared.labels)
 
     def inputs_for(variant: Variant) -> EvalInputs:
-        emulator = load_emulator_dir(variant.bundle.emulator_dir, config.task)
+        emulator = load_emulator(variant.bundle)
         return EvalInputs(full=full, emulator=emulator, tokenizer=tokenizer, task=config.task,
                           spec=method_spec(variant.bundle.adapter_spec, emulator, config.method_config),
                           method=config.method_config, eval_examples=eval_examples, max_length=config.max_length)

@@ -74,15 +74,3 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load the tokenizer of {model!r}: {error}") from error
 
-
-def load_emulator_dir(path: Path | str, task: str) -> PreTrainedModel:
-    """A bundle's emulator as an ordinary transformers model, with the head ``task`` needs."""
-    architectures = AutoConfig.from_pretrained(path).architectures or []
-    if task == "classification" or any(a.endswith("ForSequenceClassification") for a in architectures):
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-    elif task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path)
-    else:
-        model = AutoModel.from_pretrained(path)
-    model.eval()
-    return model

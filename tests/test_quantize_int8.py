@@ -94,3 +94,30 @@ def test_int8_linear_backward_matches_the_dequantized_weight() -> None:
     got = torch.autograd.grad(y, (x, quantized.bias), grad)
     want = torch.autograd.grad(reference, (x, quantized.bias), grad)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want, strict=True))
+
+
+def test_a_data_owner_round_trains_on_an_int8_bundle(tmp_path: Path) -> None:
+    """The ClientApp's round loads an int8 emulator from the signed bundle and tunes the adapter through it."""
+    from safetensors.torch import load_file
+
+    from client.owner import train_round
+    from emulator.data import Example
+    from emulator.loading import load_model
+    from emulator.methods import MethodConfig, head_parameters
+    from emulator.train import TrainConfig
+    from tests.models import tiny_classifier_dir
+
+    key = Ed25519PrivateKey.generate()
+    model_dir = tiny_classifier_dir(tmp_path / "tiny")
+    full = load_model(str(model_dir), "classification", num_labels=2)
+    build_bundle(full, str(model_dir), "tiny", SplitConfig(1, 1, 2), tmp_path / "b", key, task="classification",
+                 extra_adapter_tensors=head_parameters(full), quantize="int8")
+    verified = verify_bundle(tmp_path / "b", key.public_key())
+    assert verified.manifest["emulator"]["quantization"]["modules"]
+    initial = load_file(str(verified.adapter_weights))
+    examples = [Example(text, label=i % 2) for i, text in enumerate(["a cat", "an oak", "a fox", "a pine"] * 2)]
+    result, spec = train_round(verified, initial, examples, examples[:2], MethodConfig("layers"),
+                               TrainConfig(epochs=1, lr=1e-2, batch_size=4), show_progress=False)
+    bottom = [t.name for t in spec.tensors if t.name.startswith("bert.encoder.layer.0.")]
+    assert bottom and any(result.delta[name].abs().max() > 0 for name in bottom)
+    assert result.num_examples == len(examples) and "val_accuracy" in result.metrics
