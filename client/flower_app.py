@@ -4,38 +4,37 @@ service (``SubmitDelta``)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.owner import owner_data, setting, train_round
+from client.owner import owner_data, train_round
+from client.settings import NODE_CONFIG_KEYS, OwnerSettings
 from client.transport import CoordinatorClient
 from emulator.methods import MethodConfig
 from emulator.train import TrainConfig
 from protos import crypto
 from protos.bundle import BundleError, VerifiedBundle, verify_bundle_dir
+from protos.messages import JobInfo
+from protos.round_config import RoundConfig
 
-# What a SuperNode's --node-config may set (run config supplies the rest, e.g. job-id).
-NODE_CONFIG_KEYS = frozenset({
-    "partition-id", "num-partitions", "coordinator", "coordinator-key", "owner-key", "owners-dir", "cache-dir",
-    "train-file", "root-cert", "insecure", "partition", "seed", "val-fraction", "torch-threads", "progress",
-    "job-id",
-})
+__all__ = ["NODE_CONFIG_KEYS", "app", "make_client_app"]
 
 
-def settings_of(context: Context, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def settings_of(context: Context, overrides: Mapping[str, Any]) -> OwnerSettings:
     """Run config, then this node's config, then in-process overrides (simulation)."""
-    return {**dict(context.run_config), **dict(context.node_config), **dict(overrides)}
+    return OwnerSettings.from_config({**dict(context.run_config), **dict(context.node_config), **dict(overrides)})
 
 
-def ensure_bundle(client: CoordinatorClient, job: Any, cache_dir: Path, coordinator_key: Any) -> VerifiedBundle:
+def ensure_bundle(client: CoordinatorClient, job: JobInfo, cache_dir: Path,
+                  coordinator_key: Ed25519PublicKey) -> VerifiedBundle:
     """The job's bundle from the owner's local cache, downloaded (resumably) only when missing or invalid."""
-    target = cache_dir / str(job.bundle_digest)
+    target = cache_dir / job.bundle_digest
     if (target / "bundle").is_dir():
         try:
             cached = verify_bundle_dir(target / "bundle", coordinator_key)
@@ -46,48 +45,32 @@ def ensure_bundle(client: CoordinatorClient, job: Any, cache_dir: Path, coordina
     return client.download_bundle(job, target)
 
 
-def owner_key_path(settings: Mapping[str, Any], partition_id: int) -> Path:
-    if "owner-key" in settings:
-        return Path(str(settings["owner-key"]))
-    return Path(str(setting(settings, "owners-dir", str))) / f"owner-{partition_id}.key"
-
-
 def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     settings = settings_of(context, overrides)
-    round_config: dict[str, Any] = dict(msg.content.config_records["config"])
-    torch.set_num_threads(int(settings.get("torch-threads", max(1, (os.cpu_count() or 2) // 2))))
-    partition_id = setting(settings, "partition-id", int)
-    num_partitions = setting(settings, "num-partitions", int)
-    coordinator_key = crypto.load_public_key(Path(setting(settings, "coordinator-key", str)))
-    owner_key = crypto.load_private_key(owner_key_path(settings, partition_id))
-    root_cert = settings.get("root-cert")
+    round_config = RoundConfig.from_config(dict(msg.content.config_records["config"]))
+    torch.set_num_threads(settings.threads)
+    coordinator_key = crypto.load_public_key(settings.coordinator_key)
+    owner_key = crypto.load_private_key(settings.key_path)
     with CoordinatorClient(
-        setting(settings, "coordinator", str),
+        settings.coordinator,
         coordinator_key=coordinator_key,
-        root_certificates=Path(str(root_cert)).read_bytes() if root_cert else None,
-        insecure=bool(settings.get("insecure", False)),
+        root_certificates=settings.root_cert.read_bytes() if settings.root_cert else None,
+        insecure=settings.insecure,
     ) as client:
-        job = client.get_job(setting(settings, "job-id", str))
-        cache = Path(setting(settings, "cache-dir", str)) / crypto.key_id(owner_key.public_key())
+        job = client.get_job(settings.job_id)
+        cache = settings.cache_dir / crypto.key_id(owner_key.public_key())
         bundle = ensure_bundle(client, job, cache, coordinator_key)
-        task = str(bundle.manifest.get("task"))
-        labels = bundle.manifest.get("labels")
         train_examples, val_examples = owner_data(
-            Path(setting(settings, "train-file", str)), task, labels, partition_id, num_partitions,
-            str(settings.get("partition", "iid")), int(settings.get("seed", 0)),
-            float(settings.get("val-fraction", 0.1)),
+            settings.train_file, bundle.manifest.task, bundle.manifest.labels, settings.partition_id,
+            settings.num_partitions, settings.partition, settings.seed, settings.val_fraction,
         )
-        method = MethodConfig(str(round_config["method"]), lora_r=int(round_config["lora-r"]),
-                              lora_alpha=int(round_config["lora-alpha"]))
-        train_config = TrainConfig(
-            epochs=int(round_config["epochs"]), lr=float(round_config["lr"]),
-            batch_size=int(round_config["batch-size"]), max_length=int(round_config["max-length"]),
-            seed=int(round_config["seed"]) + 7919 * partition_id + int(round_config["server-round"]),
-        )
+        # each owner and round draws its own batches and dropout
+        seed = round_config.seed + 7919 * settings.partition_id + round_config.round
         global_adapter = msg.content.array_records["global"].to_torch_state_dict()
-        result, _ = train_round(bundle, global_adapter, train_examples, val_examples, method, train_config,
-                                show_progress=bool(settings.get("progress", True)))
-        receipt = client.submit_delta(job, int(round_config["server-round"]), result.delta, owner_key,
+        result, _ = train_round(bundle, global_adapter, train_examples, val_examples,
+                                MethodConfig.from_round(round_config), TrainConfig.from_round(round_config, seed=seed),
+                                show_progress=settings.progress)
+        receipt = client.submit_delta(job, round_config.round, result.delta, owner_key,
                                       num_examples=result.num_examples)
     metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
     reply = RecordDict({

@@ -7,14 +7,12 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from transformers import (
-    AutoTokenizer,
-)
+from transformers import AutoTokenizer
 
+from client.errors import OwnerSettingsError
 from emulator.aggregate import delta_of
 from emulator.data import Example, load_examples
 from emulator.methods import MethodConfig, extract, load, make_trainable, method_spec
@@ -24,21 +22,17 @@ from protos.adapter_spec import AdapterSpec
 from protos.bundle import VerifiedBundle
 
 
-class OwnerSettingsError(ValueError):
-    """A missing or invalid data-owner setting; the message names the key."""
-
-
 def partition(examples: Sequence[Example], partition_id: int, num_partitions: int, scheme: str = "iid",
               seed: int = 0, alpha: float = 0.5) -> list[Example]:
     """This owner's share of a dataset: IID round-robin after a seeded shuffle, or Dirichlet over labels."""
     if not 0 <= partition_id < num_partitions:
-        raise OwnerSettingsError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+        raise OwnerSettingsError(f"{{partition_id}} {partition_id} is outside 0..{num_partitions - 1}")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     if scheme == "iid":
         return [examples[i] for i in order[partition_id::num_partitions]]
     if scheme != "dirichlet":
-        raise OwnerSettingsError(f"--partition must be iid or dirichlet, got {scheme!r}")
+        raise OwnerSettingsError(f"{{partition}} must be iid or dirichlet, got {scheme!r}")
     rng = np.random.default_rng(seed)
     by_label: dict[int, list[int]] = {}
     for i in order:
@@ -70,7 +64,7 @@ def train_round(bundle: VerifiedBundle, global_adapter: Mapping[str, torch.Tenso
                 val_examples: list[Example], method: MethodConfig, config: TrainConfig, *,
                 show_progress: bool = True) -> tuple[RoundResult, AdapterSpec]:
     """Train the adapter on the emulator from the global adapter; return the delta and validation metrics."""
-    task = str(bundle.manifest.get("task", "causal-lm"))
+    task = bundle.manifest.task
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_dir)
     emulator = load_emulator(bundle)  # plain or int8, with the head class the manifest names
     spec = method_spec(bundle.adapter_spec, emulator, method)
@@ -92,15 +86,3 @@ def owner_data(train_file: Path, task: str, labels: list[str] | None, partition_
     examples = load_examples(train_file, task, labels)
     mine = partition(examples, partition_id, num_partitions, scheme, seed)
     return split_validation(mine, val_fraction, seed)
-
-
-def setting(config: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
-    """A typed value from Flower's run/node config; a missing required one names its key."""
-    if key not in config:
-        if default is None:
-            raise OwnerSettingsError(f"missing setting {key!r} (node-config or run-config)")
-        return default
-    try:
-        return kind(config[key])
-    except (TypeError, ValueError) as error:
-        raise OwnerSettingsError(f"setting {key!r}: cannot read {config[key]!r} as {kind.__name__}") from error

@@ -21,6 +21,7 @@ import grpc
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from client.errors import ClientError
 from protos import serde
 from protos.bundle import VerifiedBundle, verify_bundle
 from protos.crypto import key_id, sha256_file
@@ -35,7 +36,7 @@ OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 
-class TransportError(RuntimeError):
+class TransportError(ClientError):
     """The coordinator's answer failed verification (manifest, bundle chunk, bundle, receipt)."""
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -29,6 +27,17 @@ from emulator.split import SplitConfig
 from emulator.surgery import adapter_spec, build_emulator, count_parameters, extract_adapter
 from protos.adapter_spec import AdapterSpec
 from protos.bundle import ADAPTER_SPEC_FILE, ADAPTER_WEIGHTS_FILE, EMULATOR_DIR, TOKENIZER_DIR, sign_bundle
+from protos.files import utc_timestamp
+from protos.manifests import (
+    AdapterInfo,
+    BaseModelInfo,
+    BundleManifest,
+    CompressionInfo,
+    EmulatorInfo,
+    LayerMapEntry,
+    QuantizationInfo,
+    TokenizerInfo,
+)
 
 
 @dataclass(frozen=True)
@@ -85,12 +94,12 @@ def _block_parameters(model: PreTrainedModel, prefix: str, blocks: list[int]) ->
     return sum(p.numel() for name, p in model.named_parameters() if name.startswith(wanted))
 
 
-def write_bundle(out: Path, key: Ed25519PrivateKey, fields: dict[str, Any], emulator_model: PreTrainedModel,
+def write_bundle(out: Path, key: Ed25519PrivateKey, manifest: BundleManifest, emulator_model: PreTrainedModel,
                  tokenizer: PreTrainedTokenizerBase, spec: AdapterSpec, adapter: dict[str, torch.Tensor], *,
-                 quantization: dict[str, Any] | None = None, extra_files: dict[str, bytes] | None = None,
-                 force: bool = False) -> dict[str, Any]:
-    """The one bundle writer: emulator, tokenizer, adapter and ``extra_files``, then the signed manifest holding
-    ``fields`` (plus the ``emulator`` entry). ``out`` appears only once it is complete; returns the manifest."""
+                 quantization: QuantizationInfo | None = None, extra_files: dict[str, bytes] | None = None,
+                 force: bool = False) -> BundleManifest:
+    """The one bundle writer: emulator, tokenizer, adapter and ``extra_files``, then ``manifest`` (its ``emulator``
+    entry filled in here) signed. ``out`` appears only once it is complete; returns the signed manifest."""
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -103,19 +112,13 @@ def write_bundle(out: Path, key: Ed25519PrivateKey, fields: dict[str, Any], emul
     save_file(adapter, str(partial / ADAPTER_WEIGHTS_FILE))
     for rel, data in (extra_files or {}).items():
         (partial / rel).write_bytes(data)
-    emulator_entry: dict[str, Any] = {"dir": EMULATOR_DIR, "num_parameters": count_weights(emulator_model)}
-    if quantization is not None:
-        emulator_entry["quantization"] = quantization
-    manifest = sign_bundle(partial, {**fields, "emulator": emulator_entry}, key)
+    emulator = EmulatorInfo(dir=EMULATOR_DIR, num_parameters=count_weights(emulator_model), quantization=quantization)
+    signed = sign_bundle(partial, replace(manifest, emulator=emulator), key)
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(partial, out)
-    return manifest
-
-
-def now_utc() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return signed
 
 
 def build_bundle(
@@ -128,7 +131,7 @@ def build_bundle(
     *,
     task: str = "base",
     extra_adapter_tensors: tuple[str, ...] = (),
-    extra_manifest: dict[str, object] | None = None,
+    labels: list[str] | None = None,
     force: bool = False,
     quantize: str = "none",
 ) -> BuildSummary:
@@ -140,39 +143,28 @@ def build_bundle(
     quantization = quantize_emulator(emulator, quantize)
 
     plan, location = emulator.plan, emulator.location
-    fields = {
-        "kind": "offsite-bundle",
-        "created_at": now_utc(),
-        "task": task,
-        "base_model": {
-            "id": model_id,
-            "weights_sha256": state_dict_digest(full),
-            "model_type": full.config.model_type,
-            "class": type(full).__name__,
-            "family": location.family,
-            "blocks_prefix": location.prefix,
-            "n_layers": location.n_layers,
-            "num_parameters": count_parameters(full),
-        },
-        "layer_map": plan.to_json(),
-        "compression": {
-            "method": "uniform-layer-drop",
-            "bottom": len(plan.bottom),
-            "top": len(plan.top),
-            "keep": len(plan.kept_middle),
-            "kept_middle": plan.kept_middle,
-        },
-        "adapter": {
-            "method": spec.method,
-            "spec_file": ADAPTER_SPEC_FILE,
-            "spec_sha256": spec.digest(),
-            "weights_file": ADAPTER_WEIGHTS_FILE,
-            "num_parameters": spec.num_parameters(),
-        },
-        "tokenizer": {"dir": TOKENIZER_DIR},
-        **(extra_manifest or {}),
-    }
-    write_bundle(out, key, fields, emulator.model, load_tokenizer(tokenizer_source), spec,
+    if task == "classification" and labels is None:  # the checkpoint's own label names
+        id2label: dict[int, str] = dict(full.config.id2label or {})  # type: ignore[arg-type, assignment]
+        labels = [str(id2label[i]) for i in sorted(id2label)]
+    manifest = BundleManifest(
+        created_at=utc_timestamp(),
+        task=task,
+        base_model=BaseModelInfo(
+            id=model_id, weights_sha256=state_dict_digest(full), model_type=full.config.model_type,
+            class_name=type(full).__name__, family=location.family, blocks_prefix=location.prefix,
+            n_layers=location.n_layers, num_parameters=count_parameters(full)),
+        layer_map=[LayerMapEntry(emulator_index=e.emulator_index, full_index=e.full_index, role=e.role)
+                   for e in plan.entries],
+        compression=CompressionInfo(method="uniform-layer-drop", bottom=len(plan.bottom), top=len(plan.top),
+                                    keep=len(plan.kept_middle), kept_middle=list(plan.kept_middle)),
+        adapter=AdapterInfo(method=spec.method, spec_file=ADAPTER_SPEC_FILE, spec_sha256=spec.digest(),
+                            weights_file=ADAPTER_WEIGHTS_FILE, num_parameters=spec.num_parameters()),
+        tokenizer=TokenizerInfo(dir=TOKENIZER_DIR),
+        emulator=EmulatorInfo(dir=EMULATOR_DIR, num_parameters=count_weights(emulator.model),
+                              quantization=quantization),
+        labels=labels,
+    )
+    write_bundle(out, key, manifest, emulator.model, load_tokenizer(tokenizer_source), spec,
                  extract_adapter(full, spec, from_emulator=False), quantization=quantization, force=force)
 
     return BuildSummary(

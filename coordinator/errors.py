@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from protos.errors import FieldError
+
 
 class CoordinatorError(Exception):
-    """Base class: the message names what was wrong."""
+    """Root of every error the coordinator package raises on purpose: the message names what was wrong."""
+
+
+class InvalidSettingError(CoordinatorError, FieldError):
+    """A coordinator setting (simulate, federation, job, id) is invalid; the message marks fields as ``{field}``."""
 
 
 class NotFoundError(CoordinatorError):

@@ -9,10 +9,9 @@ is aggregated exactly once, from its stored uploads, before its checkpoint is wr
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,19 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from coordinator.errors import NotFoundError
+from coordinator.errors import CoordinatorError, InvalidSettingError, NotFoundError
 from coordinator.intake import open_accepted_upload
 from coordinator.state import StateStore
+from coordinator.storage import Storage
 from emulator.aggregate import WeightedDelta, fedavg
+from protos.files import atomic_write
+from protos.round_config import RoundConfig
 
 console = Console(stderr=True)
 PROGRESS_FILE = "progress.json"
 
 
-class FederationError(RuntimeError):
+class FederationError(CoordinatorError):
     """The federation cannot go on (too few owners, a round aborted with on-abort=stop)."""
 
 
@@ -45,33 +47,41 @@ class FederationSettings:
     round_timeout: float = 600.0
     node_wait: float = 120.0
     on_abort: str = "continue"  # or "stop"
-    train_config: dict[str, Any] = field(default_factory=dict)  # method, lr, epochs... sent to owners
+    training: RoundConfig = field(default_factory=RoundConfig)  # sent to the owners each round
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
-            raise ValueError(f"--rounds must be >= 1, got {self.num_rounds}")
+            raise InvalidSettingError(f"{{num_rounds}} must be >= 1, got {self.num_rounds}")
         if self.min_replies < 1:
-            raise ValueError(f"min-replies must be >= 1, got {self.min_replies}")
+            raise InvalidSettingError(f"{{min_replies}} must be >= 1, got {self.min_replies}")
         if self.on_abort not in ("continue", "stop"):
-            raise ValueError(f"on-abort must be continue or stop, got {self.on_abort!r}")
+            raise InvalidSettingError(f"{{on_abort}} must be continue or stop, got {self.on_abort!r}")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FederationSettings:
+        """The ServerApp's settings from Flower's run config (``[tool.flwr.app.config]`` keys)."""
         for key in ("state-dir", "checkpoint-dir", "job-id"):
             if not str(config.get(key, "")):
-                raise ValueError(f"run config {key!r} is not set; pass it with flwr run --run-config")
-        train_keys = ("method", "lora-r", "lora-alpha", "epochs", "lr", "batch-size", "max-length", "seed")
+                raise InvalidSettingError(f"run config {key!r} is not set; pass it with flwr run --run-config")
+        defaults = {f.name: f.default for f in fields(cls)}
         return cls(
             state_dir=Path(str(config["state-dir"])),
             job_id=str(config["job-id"]),
             checkpoint_dir=Path(str(config["checkpoint-dir"])),
-            num_rounds=int(config.get("num-server-rounds", 2)),
-            min_replies=int(config.get("min-replies", 2)),
-            round_timeout=float(config.get("round-timeout", 600.0)),
-            node_wait=float(config.get("node-wait", 120.0)),
-            on_abort=str(config.get("on-abort", "continue")),
-            train_config={key: config[key] for key in train_keys if key in config},
+            num_rounds=int(config.get("num-server-rounds", defaults["num_rounds"])),
+            min_replies=int(config.get("min-replies", defaults["min_replies"])),
+            round_timeout=float(config.get("round-timeout", defaults["round_timeout"])),
+            node_wait=float(config.get("node-wait", defaults["node_wait"])),
+            on_abort=str(config.get("on-abort", defaults["on_abort"])),
+            training=RoundConfig.from_config(config),
         )
+
+    def to_config(self) -> dict[str, int | float | str]:
+        """The run config that :meth:`from_config` reads back."""
+        return {"state-dir": str(self.state_dir), "job-id": self.job_id, "checkpoint-dir": str(self.checkpoint_dir),
+                "num-server-rounds": self.num_rounds, "min-replies": self.min_replies,
+                "round-timeout": self.round_timeout, "node-wait": self.node_wait, "on-abort": self.on_abort,
+                **{k: v for k, v in self.training.to_config().items() if k != "server-round"}}
 
 
 def checkpoint_path(directory: Path, round_number: int) -> Path:
@@ -83,21 +93,13 @@ def load_progress(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"completed_round": 0, "rounds": []}
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as stream:
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory: Path, round_number: int, adapter: Mapping[str, torch.Tensor],
                     progress: dict[str, Any]) -> None:
     """The round's global adapter first, then the progress file that points at it: a crash between the two
     leaves the previous progress, and the round is aggregated again from the same stored uploads."""
-    _write_atomic(checkpoint_path(directory, round_number),
-                  lambda p: save_file({k: v.contiguous() for k, v in adapter.items()}, str(p)))
-    _write_atomic(directory / PROGRESS_FILE, lambda p: p.write_text(json.dumps(progress, indent=2)))
+    atomic_write(checkpoint_path(directory, round_number),
+                 lambda p: save_file({k: v.contiguous() for k, v in adapter.items()}, str(p)))
+    atomic_write(directory / PROGRESS_FILE, json.dumps(progress, indent=2))
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -109,10 +111,10 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def train_messages(grid: Grid, nodes: list[int], adapter: Mapping[str, torch.Tensor], config: dict[str, Any],
+def train_messages(grid: Grid, nodes: list[int], adapter: Mapping[str, torch.Tensor], training: RoundConfig,
                    round_number: int) -> list[Message]:
     arrays = ArrayRecord({k: v.to(torch.float32) for k, v in adapter.items()})  # ArrayRecord refuses bf16
-    content = {**config, "server-round": round_number}
+    content: dict[str, Any] = dict(training.for_round(round_number).to_config())
     return [
         Message(content=RecordDict({"global": arrays, "config": ConfigRecord(content)}), dst_node_id=node,
                 message_type=MessageType.TRAIN)
@@ -120,10 +122,10 @@ def train_messages(grid: Grid, nodes: list[int], adapter: Mapping[str, torch.Ten
     ]
 
 
-def aggregate_round(store: StateStore, job_id: str, round_number: int,
+def aggregate_round(storage: Storage, job_id: str, round_number: int,
                     global_adapter: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    uploads = store.accepted_uploads(job_id, round_number)
-    deltas = [WeightedDelta(u.owner_id, u.num_examples, open_accepted_upload(store, u)) for u in uploads]
+    uploads = storage.store.accepted_uploads(job_id, round_number)
+    deltas = [WeightedDelta(u.owner_id, u.num_examples, open_accepted_upload(storage, u)) for u in uploads]
     return fedavg(global_adapter, deltas), len(deltas)
 
 
@@ -137,7 +139,16 @@ def round_state(store: StateStore, job_id: str, round_number: int) -> str | None
 def run_rounds(grid: Grid, settings: FederationSettings,
                on_round: Callable[[int, dict[str, torch.Tensor]], dict[str, float]] | None = None) -> dict[str, Any]:
     """Run (or resume) the job's rounds; returns the progress record (one entry per round)."""
-    store = StateStore(settings.state_dir)
+    storage = Storage.open(settings.state_dir)
+    try:
+        return _run_rounds(grid, settings, storage, on_round)
+    finally:
+        storage.close()
+
+
+def _run_rounds(grid: Grid, settings: FederationSettings, storage: Storage,
+                on_round: Callable[[int, dict[str, torch.Tensor]], dict[str, float]] | None) -> dict[str, Any]:
+    store = storage.store
     directory = settings.checkpoint_dir
     progress = load_progress(directory)
     start = int(progress["completed_round"])
@@ -153,7 +164,7 @@ def run_rounds(grid: Grid, settings: FederationSettings,
         if round_state(store, settings.job_id, round_number) == "OPEN":
             nodes = wait_for_nodes(grid, settings.min_replies, settings.node_wait)
             console.print(f"round {round_number}: training on {len(nodes)} data owners")
-            messages = train_messages(grid, nodes, adapter, settings.train_config, round_number)
+            messages = train_messages(grid, nodes, adapter, settings.training, round_number)
             replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
             record["replies"] = sum(not reply.has_error() for reply in replies)
             record["errors"] = [reply.error.reason for reply in replies if reply.has_error()]
@@ -172,7 +183,7 @@ def run_rounds(grid: Grid, settings: FederationSettings,
             if settings.on_abort == "stop":
                 raise FederationError(f"round {round_number} aborted: {reason}")
             continue
-        adapter, count = aggregate_round(store, settings.job_id, round_number, adapter)
+        adapter, count = aggregate_round(storage, settings.job_id, round_number, adapter)
         record.update(state="AGGREGATED", deltas=count)
         if on_round is not None:
             record["eval"] = on_round(round_number, adapter)

@@ -11,10 +11,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.errors import MalformedRequestError, OutOfRangeError
 from coordinator.intake import receive_delta
+from coordinator.jobs import bundle_tar
 from coordinator.state import StateStore, now
+from coordinator.storage import Storage
 from protos import serde
 from protos.crypto import key_id, public_key_bytes
 from protos.delta_keys import x25519_key_id, x25519_public_bytes
+from protos.manifests import BundleRef, JobManifest, KeyRef, Limits
 from protos.messages import JOB_MANIFEST_CONTEXT, BundleChunkInfo, RoundStatusInfo, SignedDocument
 from protos.offsite.v1 import coordinator_pb2 as pb
 
@@ -24,8 +27,12 @@ MAX_BUNDLE_CHUNK = 16 << 20
 
 @dataclass
 class ServerState:
-    store: StateStore
+    storage: Storage
     signing_key: Ed25519PrivateKey
+
+    @property
+    def store(self) -> StateStore:
+        return self.storage.store
 
 
 def _b64(raw: bytes) -> str:
@@ -35,19 +42,19 @@ def _b64(raw: bytes) -> str:
 def job_manifest(state: ServerState, job_id: str) -> SignedDocument:
     job = state.store.job(job_id)
     round, round_state = state.store.latest_round(job_id)
-    delta_key = state.store.keyring.current().public_key()
+    delta_key = state.storage.keyring.current().public_key()
     coordinator_key = state.signing_key.public_key()
-    fields = {
-        "kind": "offsite-job-manifest", "job_id": job.job_id, "round": round, "round_state": round_state,
-        "bundle": {"digest": job.bundle_digest, "tar_sha256": job.bundle_tar_sha256, "size": job.bundle_size},
-        "adapter_spec": job.adapter_spec.to_json(),
-        "coordinator": {"key_id": key_id(coordinator_key), "public_key": _b64(public_key_bytes(coordinator_key))},
-        "delta_key": {"key_id": x25519_key_id(delta_key), "public_key": _b64(x25519_public_bytes(delta_key))},
-        "limits": {"max_upload_bytes": job.max_upload_bytes, "max_plaintext_bytes": job.max_plaintext_bytes,
-                   "chunk_size": job.chunk_size, "max_delta_norm_ratio": repr(job.max_delta_norm_ratio)},
-        "issued_at": now(),
-    }
-    return SignedDocument.create(fields, state.signing_key, JOB_MANIFEST_CONTEXT)
+    manifest = JobManifest(
+        job_id=job.job_id, round=round, round_state=round_state,
+        bundle=BundleRef(digest=job.bundle_digest, tar_sha256=job.bundle_tar_sha256, size=job.bundle_size),
+        adapter_spec=job.adapter_spec,
+        coordinator=KeyRef(key_id=key_id(coordinator_key), public_key=_b64(public_key_bytes(coordinator_key))),
+        delta_key=KeyRef(key_id=x25519_key_id(delta_key), public_key=_b64(x25519_public_bytes(delta_key))),
+        limits=Limits(max_upload_bytes=job.max_upload_bytes, max_plaintext_bytes=job.max_plaintext_bytes,
+                      chunk_size=job.chunk_size, max_delta_norm_ratio=repr(job.max_delta_norm_ratio)),
+        issued_at=now(),
+    )
+    return SignedDocument.create(manifest.to_json(), state.signing_key, JOB_MANIFEST_CONTEXT)
 
 
 def get_job(request: pb.GetJobRequest, state: ServerState) -> pb.SignedJobManifest:
@@ -55,7 +62,7 @@ def get_job(request: pb.GetJobRequest, state: ServerState) -> pb.SignedJobManife
 
 
 def download_bundle(request: pb.DownloadBundleRequest, state: ServerState) -> Iterator[pb.BundleChunk]:
-    path = state.store.bundle_tar(request.job_id)
+    path = bundle_tar(state.storage, request.job_id)
     chunk_size = min(request.chunk_size or DEFAULT_BUNDLE_CHUNK, MAX_BUNDLE_CHUNK)
     with open(path, "rb") as stream:
         size = path.stat().st_size
@@ -81,7 +88,7 @@ def submit_delta(requests: Iterator[pb.SubmitDeltaRequest | None], state: Server
     preamble = serde.preamble_from_pb(first) if first is not None else None
     if preamble is None:
         raise MalformedRequestError("the first message of SubmitDelta must be a well-formed preamble")
-    accepted = receive_delta(state.store, state.signing_key, preamble, _chunks(requests))
+    accepted = receive_delta(state.storage, state.signing_key, preamble, _chunks(requests))
     return serde.receipt_to_pb(accepted.receipt, accepted.already_accepted)
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.blobs import sha256_of
 from coordinator.errors import (
     CoordinatorError,
     InvalidTransitionError,
@@ -24,7 +23,9 @@ from coordinator.errors import (
     SlotTakenError,
     UploadTooLargeError,
 )
-from coordinator.state import Job, Owner, StateStore, UploadRecord, now
+from coordinator.state import Job, Owner, UploadRecord, now
+from coordinator.storage import Storage
+from protos.crypto import sha256_file
 from protos.messages import RECEIPT_CONTEXT, Receipt, SignedDocument
 from protos.sealed import (
     MAX_HEADER_BYTES,
@@ -46,37 +47,39 @@ class Accepted:
     already_accepted: bool
 
 
-def _expected(store: StateStore, job: Job, owner: Owner, header: SealedHeader) -> ExpectedContext:
-    store.keyring.get(header.recipient_key_id)  # raises for a key this coordinator never had
+def _expected(storage: Storage, job: Job, owner: Owner, header: SealedHeader) -> ExpectedContext:
+    storage.keyring.get(header.recipient_key_id)  # raises for a key this coordinator never had
     return ExpectedContext(job_id=job.job_id, round=header.round, owner_id=owner.owner_id,
                            sender_key_id=owner.key_id, adapter_spec_digest=job.adapter_spec.digest(),
                            recipient_key_id=header.recipient_key_id)
 
 
-def open_and_validate(store: StateStore, job: Job, owner: Owner, header: SealedHeader, path: Path,
+def open_and_validate(storage: Storage, job: Job, owner: Owner, header: SealedHeader, path: Path,
                       ciphertext_sha256: bytes | None = None) -> dict[str, torch.Tensor]:
     """Signature, decryption, plaintext digest, strict parse, spec, finiteness and norm bound."""
-    opened = open_sealed(path, recipient_private=store.keyring.get(header.recipient_key_id),
-                         sender_public=owner.public_key, expected=_expected(store, job, owner, header),
+    opened = open_sealed(path, recipient_private=storage.keyring.get(header.recipient_key_id),
+                         sender_public=owner.public_key, expected=_expected(storage, job, owner, header),
                          max_plaintext_bytes=job.max_plaintext_bytes, ciphertext_sha256=ciphertext_sha256)
     tensors = load_tensors(opened.plaintext)
     validate_delta(tensors, job.adapter_spec, max_norm=job.max_delta_norm)
     return tensors
 
 
-def open_accepted_upload(store: StateStore, record: UploadRecord) -> dict[str, torch.Tensor]:
+def open_accepted_upload(storage: Storage, record: UploadRecord) -> dict[str, torch.Tensor]:
     """Re-open an accepted blob for aggregation: digest at rest, signature, decryption and validation again."""
-    path = store.blobs.path(record.blob_sha256)
-    digest = sha256_of(path)
+    path = storage.blobs.path(record.blob_sha256)
+    digest = sha256_file(path)
     if not hmac.compare_digest(digest, record.blob_sha256):
         raise MalformedRequestError(f"blob {record.blob_sha256} changed at rest")
     with open(path, "rb") as stream:
         header = SealedHeader.from_bytes(read_preamble(stream)[0])
-    return open_and_validate(store, store.job(record.job_id), store.owner(record.owner_id), header, path)
+    store = storage.store
+    return open_and_validate(storage, store.job(record.job_id), store.owner(record.owner_id), header, path)
 
 
-def receive_delta(store: StateStore, signing_key: Ed25519PrivateKey, preamble: tuple[bytes, bytes, bytes],
+def receive_delta(storage: Storage, signing_key: Ed25519PrivateKey, preamble: tuple[bytes, bytes, bytes],
                   chunks: Iterable[bytes]) -> Accepted:
+    store = storage.store
     header_json, wrapped_key, signature = preamble
     if len(header_json) > MAX_HEADER_BYTES or len(wrapped_key) > 256 or len(signature) > 256:
         raise UploadTooLargeError("preamble fields exceed their size limits")
@@ -95,9 +98,9 @@ def receive_delta(store: StateStore, signing_key: Ed25519PrivateKey, preamble: t
         if store.slot(job.job_id, header.round, owner.owner_id) is not None:
             raise SlotTakenError(f"owner {owner.owner_id!r} already has an accepted upload in job {job.job_id!r} "
                                  f"round {header.round}")
-        check_context(header, _expected(store, job, owner, header))
+        check_context(header, _expected(storage, job, owner, header))
 
-    stream, temp = store.blobs.new_temp()
+    stream, temp = storage.blobs.new_temp()
     published = False
     try:
         blob_hash, ciphertext_hash, received = hashlib.sha256(blob_prefix), hashlib.sha256(), 0
@@ -121,11 +124,11 @@ def receive_delta(store: StateStore, signing_key: Ed25519PrivateKey, preamble: t
                 return Accepted(SignedDocument(existing.receipt_json, existing.receipt_sig), True)
             raise SlotTakenError(f"upload id {header.upload_id!r} is taken by different bytes")
         stream.flush()
-        open_and_validate(store, job, owner, header, temp, ciphertext_hash.digest())
-        final = store.blobs.publish(stream, temp, digest)
+        open_and_validate(storage, job, owner, header, temp, ciphertext_hash.digest())
+        final = storage.blobs.publish(stream, temp, digest)
         published = True
         try:
-            return _commit(store, signing_key, header, digest)
+            return _commit(storage, signing_key, header, digest)
         except CoordinatorError:
             if store.upload(header.upload_id) is None:
                 final.unlink(missing_ok=True)
@@ -137,7 +140,8 @@ def receive_delta(store: StateStore, signing_key: Ed25519PrivateKey, preamble: t
             temp.unlink(missing_ok=True)
 
 
-def _commit(store: StateStore, signing_key: Ed25519PrivateKey, header: SealedHeader, digest: str) -> Accepted:
+def _commit(storage: Storage, signing_key: Ed25519PrivateKey, header: SealedHeader, digest: str) -> Accepted:
+    store = storage.store
     receipt = Receipt(upload_id=header.upload_id, job_id=header.job_id, round=header.round, owner_id=header.owner_id,
                       blob_sha256=digest, plaintext_sha256=header.plaintext_sha256,
                       num_examples=header.num_examples, accepted_at=now())

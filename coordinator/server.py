@@ -17,6 +17,7 @@ from coordinator import errors, handlers
 from coordinator.keyring import UnknownDeltaKeyError
 from coordinator.paths import load_or_create_signing_key
 from coordinator.state import StateStore
+from coordinator.storage import Storage
 from protos import crypto, sealed
 from protos.offsite.v1 import coordinator_pb2 as pb
 from protos.tensors import DeltaValidationError, SafetensorsFormatError
@@ -134,8 +135,12 @@ class CoordinatorService:
 class RunningServer:
     server: grpc.Server
     port: int
-    store: StateStore
+    storage: Storage
     state: handlers.ServerState
+
+    @property
+    def store(self) -> StateStore:
+        return self.storage.store
 
     @property
     def address(self) -> str:
@@ -143,7 +148,7 @@ class RunningServer:
 
     def stop(self, grace: float | None = None) -> None:
         self.server.stop(grace).wait()
-        self.store.close()
+        self.storage.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -163,8 +168,8 @@ def start_server(state_dir: Path, port: int = 0, *, host: str = "127.0.0.1", tls
         key = crypto.load_private_key(Path(signing_key))
     else:
         key = load_or_create_signing_key(None)[0]
-    store = StateStore(state_dir, recover=True)
-    state = handlers.ServerState(store, key)
+    storage = Storage.open(state_dir, recover=True)
+    state = handlers.ServerState(storage, key)
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((CoordinatorService(state).generic_handler(),))
     if tls_cert is not None and tls_key is not None:
@@ -176,7 +181,7 @@ def start_server(state_dir: Path, port: int = 0, *, host: str = "127.0.0.1", tls
     elif insecure:
         bound = server.add_insecure_port(f"{host}:{port}")
     else:
-        store.close()
+        storage.close()
         raise ValueError("give --tls-cert and --tls-key, or --insecure (plain text, meant for localhost)")
     server.start()
-    return RunningServer(server, bound, store, state)
+    return RunningServer(server, bound, storage, state)

@@ -1,34 +1,34 @@
-"""The coordinator's crash-safe state: one SQLite file, a content-addressed blob store and the delta keyring.
+"""The coordinator's crash-safe records: one SQLite file, and nothing but SQL.
 
 Owners (approved or revoked), jobs (each with its own adapter spec and reference adapter), rounds
 (OPEN -> CLOSED -> AGGREGATED, or ABORTED with a reason) and uploads, unique per (job, round, owner) and per
-upload id. An upload exists only once its row is committed; its blob stays encrypted at rest.
+upload id. An upload exists only once its row is committed. Blobs and delta keys live beside this store
+(:mod:`coordinator.storage`); job creation, which also writes files, is :mod:`coordinator.jobs`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from safetensors.torch import load_file, save_file
 
-from coordinator.blobs import BlobStore
-from coordinator.errors import InvalidTransitionError, NotFoundError, OwnerNotApprovedError, UnknownOwnerError
-from coordinator.keyring import DeltaKeyring
+from coordinator.errors import (
+    InvalidSettingError,
+    InvalidTransitionError,
+    NotFoundError,
+    OwnerNotApprovedError,
+    UnknownOwnerError,
+)
 from protos.adapter_spec import AdapterSpec
-from protos.bundle import ADAPTER_WEIGHTS_FILE, pack_bundle, verify_bundle_dir
-from protos.crypto import key_id, public_key_bytes, public_key_from_raw, sha256_file
+from protos.crypto import key_id, public_key_bytes, public_key_from_raw
+from protos.files import utc_timestamp
 from protos.sealed_header import ID_PATTERN
-from protos.tensors import global_norm
 
 DB_FILE = "state.db"
 SCHEMA = """
@@ -57,13 +57,30 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 
 
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_timestamp()
 
 
 def check_id(kind: str, value: str) -> str:
     if not ID_PATTERN.match(value):  # the ids a sealed header may carry
-        raise ValueError(f"{kind} {value!r}: use letters, digits, '.', '_', ':' or '-' (at most 128)")
+        raise InvalidSettingError(f"{kind} {value!r}: use letters, digits, '.', '_', ':' or '-' (at most 128)")
     return value
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A ``jobs`` row as written (``created_at`` is added on insert)."""
+
+    job_id: str
+    bundle_digest: str
+    bundle_tar_sha256: str
+    bundle_size: int
+    adapter_spec_json: str
+    spec_digest: str
+    reference_norm: float
+    max_delta_norm_ratio: float
+    max_upload_bytes: int
+    max_plaintext_bytes: int
+    chunk_size: int
 
 
 @dataclass(frozen=True)
@@ -108,23 +125,15 @@ class UploadRecord:
 
 
 class StateStore:
-    """``recover=True`` (the server, at start) clears partial uploads; admin commands that may run beside a live
-    server leave them alone."""
-
-    def __init__(self, state_dir: Path, *, recover: bool = False) -> None:
+    def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.blobs = BlobStore(self.dir / "blobs")
-        self.keyring = DeltaKeyring(self.dir)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.dir / DB_FILE, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        self.recovered: list[str] = []
-        if recover:
-            self.recovered = self.blobs.recover({r[0] for r in self._db.execute("SELECT blob_sha256 FROM uploads")})
 
     def close(self) -> None:
         with self._lock:
@@ -178,30 +187,20 @@ class StateStore:
             ids = [r[0] for r in self._db.execute("SELECT owner_id FROM owners ORDER BY owner_id")]
         return [self.owner(i) for i in ids]
 
+    def referenced_blobs(self) -> set[str]:
+        """Every blob digest a committed upload row names."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT blob_sha256 FROM uploads")}
+
     # -- jobs -----------------------------------------------------------------------------------------------
-    def create_job(self, job_id: str, bundle_dir: Path, coordinator_key: Ed25519PublicKey, *,
-                   adapter_spec: AdapterSpec | None = None, reference_adapter: dict[str, torch.Tensor] | None = None,
-                   max_delta_norm_ratio: float = 1.0, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> Job:
-        """Verify the bundle, keep a tar of it and the reference adapter, record the job."""
-        check_id("job id", job_id)
-        bundle = verify_bundle_dir(Path(bundle_dir), coordinator_key)
-        spec = adapter_spec or bundle.adapter_spec
-        reference = reference_adapter if reference_adapter is not None else load_file(bundle.root /
-                                                                                      ADAPTER_WEIGHTS_FILE)
-        job_dir = self.dir / "jobs" / job_id
-        if self._one("SELECT 1 FROM jobs WHERE job_id = ?", job_id) is not None:
-            raise InvalidTransitionError(f"job {job_id!r} already exists")
-        shutil.rmtree(job_dir, ignore_errors=True)
-        job_dir.mkdir(parents=True)
-        tar = pack_bundle(bundle.root, job_dir / "bundle.tar")
-        save_file({k: v.contiguous() for k, v in reference.items()}, str(job_dir / "reference.safetensors"))
+    def has_job(self, job_id: str) -> bool:
+        return self._one("SELECT 1 FROM jobs WHERE job_id = ?", job_id) is not None
+
+    def insert_job(self, row: JobRow) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
-                job_id, bundle.digest, sha256_file(tar), tar.stat().st_size, json.dumps(spec.to_json()),
-                spec.digest(), global_norm(reference), float(max_delta_norm_ratio), max_upload_bytes,
-                max_upload_bytes, chunk_size, now()))
-        return self.job(job_id)
+            if db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (row.job_id,)).fetchone():
+                raise InvalidTransitionError(f"job {row.job_id!r} already exists")
+            db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*astuple(row), now()))
 
     def job(self, job_id: str) -> Job:
         row = self._one("SELECT job_id, bundle_digest, bundle_tar_sha256, bundle_size, adapter_spec, reference_norm, "
@@ -210,9 +209,6 @@ class StateStore:
         if row is None:
             raise NotFoundError(f"job {job_id!r} does not exist")
         return Job(row[0], row[1], row[2], row[3], AdapterSpec.from_json(json.loads(row[4])), *row[5:])
-
-    def bundle_tar(self, job_id: str) -> Path:
-        return self.dir / "jobs" / self.job(job_id).job_id / "bundle.tar"
 
     def jobs(self) -> list[str]:
         with self._lock:

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from emulator.errors import EmulatorError
 
-class AggregationError(ValueError):
+
+class AggregationError(EmulatorError):
     """Deltas that cannot be averaged together."""
 
 

@@ -7,23 +7,30 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "examples" / "corpus" / "python-docstrings.txt"
+from emulator.errors import EmulatorError
+
+DEFAULT_CORPUS_NAME = "python-docstrings.txt"  # package data: emulator/corpora/, licence LICENSE-PSF.txt beside it
 
 
-class CorpusError(ValueError):
+class CorpusError(EmulatorError):
     """A corpus file is missing, unreadable or empty."""
+
+    bad_input = True
 
 
 def default_corpus() -> Path:
-    """The corpus that ships with the project: Python standard-library docstrings (PSF licence)."""
-    if not DEFAULT_CORPUS.is_file():
-        raise CorpusError(f"the default corpus {DEFAULT_CORPUS} is missing; pass --corpus")
-    return DEFAULT_CORPUS
+    """The corpus that ships with the project: Python standard-library docstrings (PSF licence), installed as
+    package data of :mod:`emulator` (never read through the repository tree)."""
+    path = Path(str(files("emulator") / "corpora" / DEFAULT_CORPUS_NAME))
+    if not path.is_file():
+        raise CorpusError(f"the default corpus {path} is missing; pass --corpus")
+    return path
 
 
 def read_documents(paths: Sequence[Path]) -> list[str]:
@@ -31,17 +38,17 @@ def read_documents(paths: Sequence[Path]) -> list[str]:
     docs: list[str] = []
     for path in paths:
         if not Path(path).is_file():
-            raise CorpusError(f"--corpus {path}: no such file")
+            raise CorpusError(f"corpus {path}: no such file")
         lines = Path(path).read_text(encoding="utf-8").splitlines()
         if Path(path).suffix == ".jsonl":
             try:
                 docs += [str(json.loads(line)["text"]).strip() for line in lines if line.strip()]
             except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise CorpusError(f"--corpus {path}: every line must be a JSON object with a 'text' field") from error
+                raise CorpusError(f"corpus {path}: every line must be a JSON object with a 'text' field") from error
         else:
             docs += [line.strip() for line in lines if line.strip()]
     if not docs:
-        raise CorpusError(f"--corpus {', '.join(map(str, paths))}: no documents")
+        raise CorpusError(f"corpus {', '.join(map(str, paths))}: no documents")
     return docs
 
 

@@ -8,12 +8,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from emulator.errors import EmulatorError
+
 TASK_NAMES = ("causal-lm", "classification")
 MAX_LINE_BYTES = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(EmulatorError):
     """A data file is unusable; the message names the file and, where it applies, the line."""
+
+    bad_input = True
 
     def __init__(self, path: Path | str, reason: str, line: int | None = None) -> None:
         where = f"{path}:{line}" if line is not None else str(path)
@@ -70,7 +74,7 @@ def load_examples(path: Path | str, task: str, labels: list[str] | None = None,
     """Read a ``.jsonl`` or ``.csv`` file of ``task`` examples."""
     path = Path(path)
     if task not in TASK_NAMES:
-        raise DataError(path, f"--task must be one of {', '.join(TASK_NAMES)}, got {task!r}")
+        raise DataError(path, f"task must be one of {', '.join(TASK_NAMES)}, got {task!r}")
     lines = _lines(path, max_line_bytes)
     examples: list[Example] = []
     if path.suffix == ".csv":

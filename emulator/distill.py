@@ -18,12 +18,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from emulator.checkpoint import load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint
 from emulator.corpus import Batch, batch_at, encode, eval_batches
+from emulator.errors import EmulatorConfigError
 from emulator.fidelity import hidden_fidelity, hidden_states, lm_labels, mean_lm_loss, normalized_mse
 from emulator.surgery import Emulator
 
 
-class DistillConfigError(ValueError):
-    """An invalid distillation setting; the message names the CLI flag."""
+class DistillConfigError(EmulatorConfigError):
+    """An invalid distillation setting; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -43,18 +44,18 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--seq-len", self.seq_len),
-                            ("--eval-every", self.eval_every), ("--eval-docs", self.eval_docs)):
+        for name, value in (("steps", self.steps), ("batch_size", self.batch_size), ("seq_len", self.seq_len),
+                            ("eval_every", self.eval_every), ("eval_docs", self.eval_docs)):
             if value < 1:
-                raise DistillConfigError(f"{flag} must be >= 1, got {value}")
+                raise DistillConfigError(f"{{{name}}} must be >= 1, got {value}")
         if not self.lr > 0:
-            raise DistillConfigError(f"--lr must be > 0, got {self.lr}")
+            raise DistillConfigError(f"{{lr}} must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
-            raise DistillConfigError(f"--warmup-steps must be in [0, --steps), got {self.warmup_steps}")
+            raise DistillConfigError(f"{{warmup_steps}} must be in [0, {{steps}}), got {self.warmup_steps}")
         if self.kd_weight < 0 or self.lm_weight < 0 or self.kd_weight + self.lm_weight == 0:
-            raise DistillConfigError("--kd-weight and --lm-weight must be >= 0 and not both 0")
+            raise DistillConfigError("{kd_weight} and {lm_weight} must be >= 0 and not both 0")
         if not 1 <= self.held_out_percent <= 50:
-            raise DistillConfigError(f"--held-out-percent must be in [1, 50], got {self.held_out_percent}")
+            raise DistillConfigError(f"{{held_out_percent}} must be in [1, 50], got {self.held_out_percent}")
 
     @property
     def warmup(self) -> int:
@@ -161,8 +162,8 @@ def distill(full: PreTrainedModel, emulator: Emulator, tokenizer: PreTrainedToke
     if checkpoint is not None:
         tensors, state = checkpoint
         if state["settings"] != settings:
-            raise DistillConfigError(f"--resume: the checkpoint in {work_dir} was made with other settings "
-                                     f"(or another corpus or bundle); drop --resume to start over")
+            raise DistillConfigError(f"{{resume}}: the checkpoint in {work_dir} was made with other settings "
+                                     f"(or another corpus or bundle); start over without {{resume}}")
         with torch.no_grad():
             for n in names:
                 params[n].copy_(tensors[f"student/{n}"])

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PreTrainedModel
 
+from emulator.errors import EmulatorError
+
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(EmulatorError):
     """The model's transformer blocks cannot be located."""
 
 

@@ -14,12 +14,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from emulator.errors import EmulatorError
+
 EMBEDDED_MODEL_NAME = "all-MiniLM-L6-v2"
 TASKS = ("auto", "base", "causal-lm", "classification")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(EmulatorError):
     """A model could not be loaded from the given id or path."""
+
+    bad_input = True
 
 
 def embedded_model_path() -> Path:
@@ -50,7 +54,7 @@ def infer_task(model: str) -> str:
 def load_model(model: str, task: str = "auto", num_labels: int | None = None) -> PreTrainedModel:
     """Load ``model`` (a path or hub id) in float32 with the head ``task`` needs."""
     if task not in TASKS:
-        raise ModelLoadError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+        raise ModelLoadError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     try:
         if task == "auto":
             task = infer_task(model)

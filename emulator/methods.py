@@ -17,14 +17,17 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from emulator.errors import EmulatorConfigError
 from emulator.surgery import check_adapter, plug_adapter
 from protos.adapter_spec import AdapterSpec, TensorSpec
+from protos.round_config import RoundConfig
+from protos.tensors import TORCH_DTYPES
 
 PEFT_PREFIX = "base_model.model."
 
 
-class MethodError(ValueError):
-    """An adapter method cannot be used as asked; the message names the flag or the reason."""
+class MethodError(EmulatorConfigError):
+    """An adapter method cannot be used as asked; the message names the field or the reason."""
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,17 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
-            raise MethodError(f"--method must be one of {', '.join(sorted(METHODS))}, got {self.name!r}")
+            raise MethodError(f"{{method}} must be one of {', '.join(sorted(METHODS))}, got {self.name!r}")
         if self.lora_r < 1:
-            raise MethodError(f"--lora-r must be >= 1, got {self.lora_r}")
+            raise MethodError(f"{{lora_r}} must be >= 1, got {self.lora_r}")
         if self.lora_alpha < 1:
-            raise MethodError(f"--lora-alpha must be >= 1, got {self.lora_alpha}")
+            raise MethodError(f"{{lora_alpha}} must be >= 1, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise MethodError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+            raise MethodError(f"{{lora_dropout}} must be in [0, 1), got {self.lora_dropout}")
+
+    @classmethod
+    def from_round(cls, config: RoundConfig) -> MethodConfig:
+        return cls(config.method, lora_r=config.lora_r, lora_alpha=config.lora_alpha)
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,8 +79,8 @@ def _bitfit_spec(base: AdapterSpec, emulator: nn.Module, config: MethodConfig) -
     biases = tuple(t for t in base.tensors if t.role == "block" and t.name.endswith(".bias"))
     if not biases:
         model_type = getattr(getattr(emulator, "config", None), "model_type", "this model's")
-        raise MethodError(f"--method bitfit needs bias terms, and {model_type} blocks have none; "
-                          "use --method lora or layers")
+        raise MethodError(f"{{method}} bitfit needs bias terms, and {model_type} blocks have none; "
+                          "use lora or layers")
     return AdapterSpec(method="bitfit", tensors=biases + _heads(base))
 
 
@@ -95,7 +102,7 @@ def _lora_spec(base: AdapterSpec, emulator: nn.Module, config: MethodConfig) -> 
         tensors.append(TensorSpec(f"{full_module}.lora_B.weight", f"{emulator_module}.lora_B.weight",
                                   (int(out_features), config.lora_r), "F32"))
     if not tensors:
-        raise MethodError("--method lora found no Linear layers in the adapter blocks")
+        raise MethodError("{method} lora found no Linear layers in the adapter blocks")
     return AdapterSpec(method="lora", tensors=tuple(tensors) + _heads(base))
 
 
@@ -205,10 +212,7 @@ def load(trainable: nn.Module, spec: AdapterSpec, adapter: Mapping[str, torch.Te
 def plug(full: PreTrainedModel, spec: AdapterSpec, adapter: Mapping[str, torch.Tensor],
          config: MethodConfig) -> PreTrainedModel:
     """The full model with the adapter plugged in (LoRA merged); use the returned model."""
-    cast = {t.name: adapter[t.name].to(getattr(torch, _TORCH_NAMES[t.dtype])) for t in spec.tensors
-            if t.name in adapter}
+    cast = {t.name: adapter[t.name].to(TORCH_DTYPES[t.dtype]) for t in spec.tensors if t.name in adapter}
     cast.update({k: v for k, v in adapter.items() if k not in cast})
     return METHODS[config.name].plug(full, spec, cast, config)
 
-
-_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

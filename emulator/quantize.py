@@ -20,10 +20,17 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from emulator.errors import EmulatorConfigError
 from emulator.surgery import Emulator
-from protos.bundle import EMULATOR_DIR, MANIFEST, VerifiedBundle
+from protos.bundle import MANIFEST, VerifiedBundle
+from protos.manifests import BundleManifest, QuantizationInfo
 
 INT8 = "int8"
+
+
+class QuantizeError(EmulatorConfigError):
+    """An unknown quantization method."""
+
 QUANTIZE_CHOICES = ("none", INT8)
 WEIGHTS_FILE = "model.safetensors"
 
@@ -120,18 +127,18 @@ def middle_prefixes(emulator: Emulator) -> list[str]:
     return [f"{emulator.location.prefix}.{b + j}" for j in range(len(emulator.plan.kept_middle))]
 
 
-def quantize(emulator: Emulator, method: str = INT8) -> dict[str, Any] | None:
+def quantize(emulator: Emulator, method: str = INT8) -> QuantizationInfo | None:
     """Quantize the emulator's kept middle blocks in place; return the manifest's ``emulator.quantization``."""
     if method not in QUANTIZE_CHOICES:
-        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {method!r}")
+        raise QuantizeError(f"{{quantize}} must be one of {', '.join(QUANTIZE_CHOICES)}, got {method!r}")
     if method == "none":
         return None
     names = quantizable_modules(emulator.model, middle_prefixes(emulator))
     quantize_modules(emulator.model, names)
-    return {"method": "int8-weight-only", "granularity": "per-output-channel", "modules": names}
+    return QuantizationInfo(method="int8-weight-only", granularity="per-output-channel", modules=names)
 
 
-def save_emulator(model: PreTrainedModel, directory: Path, quantization: dict[str, Any] | None) -> None:
+def save_emulator(model: PreTrainedModel, directory: Path, quantization: QuantizationInfo | None) -> None:
     """A plain emulator with ``save_pretrained``; an int8 one as its config plus one safetensors file."""
     if quantization is None:
         model.save_pretrained(directory, safe_serialization=True)
@@ -150,15 +157,15 @@ def load_emulator(bundle: Path | VerifiedBundle) -> PreTrainedModel:
         root, manifest = bundle.root, bundle.manifest
     else:
         root = Path(bundle)
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    model_class = getattr(transformers, manifest["base_model"]["class"])
-    quantization = manifest.get("emulator", {}).get("quantization")
-    directory = root / EMULATOR_DIR
+        manifest = BundleManifest.from_json(json.loads((root / MANIFEST).read_text(encoding="utf-8")), "manifest")
+    model_class = getattr(transformers, manifest.base_model.class_name)
+    quantization = manifest.emulator.quantization
+    directory = root / manifest.emulator.dir
     if quantization is None:
         model: PreTrainedModel = model_class.from_pretrained(directory)
     else:
         model = model_class(AutoConfig.from_pretrained(directory))
-        for name in quantization["modules"]:
+        for name in quantization.modules:
             weight, bias = _float_weight(model.get_submodule(name))
             _replace(model, name, Int8Linear(weight.shape[1], weight.shape[0], bias is not None))
         load_model(model, str(directory / WEIGHTS_FILE), strict=True)

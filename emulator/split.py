@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from emulator.errors import EmulatorConfigError
 
-class SplitError(ValueError):
-    """An invalid split; the message names the offending flag."""
+
+class SplitError(EmulatorConfigError):
+    """An invalid split; the message names the offending field."""
 
 
 def uniform_keep_indices(m: int, k: int) -> list[int]:
@@ -16,7 +18,7 @@ def uniform_keep_indices(m: int, k: int) -> list[int]:
     The first and last middle blocks are always kept; ``k == m`` keeps all; ``k == 1`` keeps the first.
     """
     if not 1 <= k <= m:
-        raise SplitError(f"--keep must be between 1 and the {m} middle blocks, got {k}")
+        raise SplitError(f"{{keep}} must be between 1 and the {m} middle blocks, got {k}")
     if k == 1:
         return [0]
     return [math.floor(i * (m - 1) / (k - 1) + 0.5) for i in range(k)]
@@ -30,23 +32,23 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         if self.bottom < 0:
-            raise SplitError(f"--bottom must be >= 0, got {self.bottom}")
+            raise SplitError(f"{{bottom}} must be >= 0, got {self.bottom}")
         if self.top < 0:
-            raise SplitError(f"--top must be >= 0, got {self.top}")
+            raise SplitError(f"{{top}} must be >= 0, got {self.top}")
         if self.bottom + self.top < 1:
-            raise SplitError("--bottom plus --top must be at least 1: the adapter needs a block")
+            raise SplitError("{bottom} plus {top} must be at least 1: the adapter needs a block")
         if self.keep is not None and self.keep < 1:
-            raise SplitError(f"--keep must be >= 1, got {self.keep}")
+            raise SplitError(f"{{keep}} must be >= 1, got {self.keep}")
 
     def plan(self, n_layers: int) -> LayerPlan:
         if self.bottom + self.top >= n_layers:
             raise SplitError(
-                f"--bottom {self.bottom} plus --top {self.top} must be less than the model's {n_layers} blocks"
+                f"{{bottom}} {self.bottom} plus {{top}} {self.top} must be less than the model's {n_layers} blocks"
             )
         m = n_layers - self.bottom - self.top
         k = m if self.keep is None else self.keep
         if k > m:
-            raise SplitError(f"--keep {k} exceeds the {m} middle blocks of this model")
+            raise SplitError(f"{{keep}} {k} exceeds the {m} middle blocks of this model")
         kept = [self.bottom + i for i in uniform_keep_indices(m, k)]
         return LayerPlan(
             n_layers=n_layers,

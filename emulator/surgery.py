@@ -10,25 +10,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from emulator.errors import EmulatorError
 from emulator.families import BlockLocation, locate_blocks
 from emulator.split import LayerPlan, SplitConfig
 from protos.adapter_spec import AdapterSpec, TensorSpec
-
-SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+from protos.tensors import SAFETENSORS_DTYPES, AdapterMismatchError, check_adapter_tensors
 
 
-class PlugInError(ValueError):
+class PlugInError(EmulatorError):
     """An adapter does not fit the full model."""
 
 
@@ -107,19 +96,10 @@ def extract_adapter(model: PreTrainedModel, spec: AdapterSpec, *, from_emulator:
 
 def check_adapter(spec: AdapterSpec, adapter: Mapping[str, torch.Tensor]) -> None:
     """Raise :class:`PlugInError` unless ``adapter`` has exactly the spec's names, shapes and dtypes."""
-    expected = spec.by_name()
-    missing = sorted(set(expected) - set(adapter))
-    unknown = sorted(set(adapter) - set(expected))
-    if missing:
-        raise PlugInError(f"adapter is missing tensors: {', '.join(missing[:5])}")
-    if unknown:
-        raise PlugInError(f"adapter has unknown tensors: {', '.join(unknown[:5])}")
-    for name, tensor in adapter.items():
-        want = expected[name]
-        if tuple(tensor.shape) != want.shape:
-            raise PlugInError(f"{name}: shape {tuple(tensor.shape)} != expected {want.shape}")
-        if SAFETENSORS_DTYPES.get(tensor.dtype) != want.dtype:
-            raise PlugInError(f"{name}: dtype {tensor.dtype} != expected {want.dtype}")
+    try:
+        check_adapter_tensors(spec, adapter)
+    except AdapterMismatchError as error:
+        raise PlugInError(str(error)) from error
 
 
 @torch.no_grad()

@@ -13,12 +13,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from emulator.data import Example
+from emulator.errors import EmulatorConfigError
+from protos.round_config import RoundConfig
 
 IGNORE_INDEX = -100
 
 
-class TrainConfigError(ValueError):
-    """An invalid training setting; the message names the flag."""
+class TrainConfigError(EmulatorConfigError):
+    """An invalid training setting; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise TrainConfigError(f"--epochs must be >= 1, got {self.epochs}")
+            raise TrainConfigError(f"{{epochs}} must be >= 1, got {self.epochs}")
         if not self.lr > 0:
-            raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
+            raise TrainConfigError(f"{{lr}} must be > 0, got {self.lr}")
         if self.batch_size < 1:
-            raise TrainConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise TrainConfigError(f"{{batch_size}} must be >= 1, got {self.batch_size}")
         if self.max_length < 2:
-            raise TrainConfigError(f"--max-length must be >= 2, got {self.max_length}")
+            raise TrainConfigError(f"{{max_length}} must be >= 2, got {self.max_length}")
+
+    @classmethod
+    def from_round(cls, config: RoundConfig, *, seed: int | None = None) -> TrainConfig:
+        """The local training settings of a round (``seed`` overrides the round's, e.g. one per owner)."""
+        return cls(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, max_length=config.max_length,
+                   seed=config.seed if seed is None else seed)
 
 
 def ensure_padding(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from protos.crypto import canonical_json, sha256_hex
+from protos.errors import ProtocolError
 
 ADAPTER_SPEC_VERSION = 1
 
 
-class AdapterSpecError(ValueError):
+class AdapterSpecError(ProtocolError):
     """An adapter spec file is malformed."""
 
 

@@ -11,9 +11,8 @@ import json
 import os
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -24,21 +23,24 @@ from protos.crypto import (
     key_id,
     public_key_bytes,
     sha256_file,
+    sha256_hex,
     sign,
     verify,
 )
+from protos.documents import DocumentError
+from protos.errors import ProtocolError
+from protos.files import atomic_write
+from protos.manifests import BUNDLE_FORMAT_VERSION, BundleManifest, SignerInfo
 
-BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ADAPTER_SPEC_FILE = "adapter/adapter_spec.json"
 ADAPTER_WEIGHTS_FILE = "adapter/adapter.safetensors"
 EMULATOR_DIR = "emulator"
 TOKENIZER_DIR = "tokenizer"
 SIGNATURE_CONTEXT = "bundle-manifest/v1"
-REQUIRED_FIELDS = ("format_version", "base_model", "layer_map", "compression", "adapter", "files", "signer")
 
 
-class BundleError(ValueError):
+class BundleError(ProtocolError):
     """A bundle failed verification. ``path`` names the file at fault."""
 
     def __init__(self, path: str, reason: str) -> None:
@@ -78,8 +80,9 @@ class MalformedManifestError(BundleError):
 @dataclass(frozen=True)
 class VerifiedBundle:
     root: Path
-    manifest: dict[str, Any]
+    manifest: BundleManifest
     adapter_spec: AdapterSpec
+    digest: str  # the bundle's identity: sha256 of its canonical, signed manifest
 
     @property
     def emulator_dir(self) -> Path:
@@ -93,16 +96,9 @@ class VerifiedBundle:
     def adapter_weights(self) -> Path:
         return self.root / ADAPTER_WEIGHTS_FILE
 
-    @property
-    def digest(self) -> str:
-        """The bundle's identity: sha256 of its canonical, signed manifest."""
-        return manifest_digest(self.manifest)
 
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    from protos.crypto import sha256_hex
-
-    return sha256_hex(canonical_json(manifest))
+def manifest_digest(manifest: BundleManifest) -> str:
+    return sha256_hex(canonical_json(manifest.to_json()))
 
 
 def _bundle_files(root: Path) -> dict[str, Path]:
@@ -116,28 +112,24 @@ def _bundle_files(root: Path) -> dict[str, Path]:
     return files
 
 
-def _unsigned(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in manifest.items() if key != "signature"}
+def _unsigned(raw: dict[str, object]) -> dict[str, object]:
+    return {name: value for name, value in raw.items() if name != "signature"}
 
 
-def sign_bundle(root: Path, fields: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    """Hash every file under ``root``, then write a signed ``manifest.json`` holding ``fields`` and the hashes."""
-    manifest = dict(fields)
-    manifest["format_version"] = BUNDLE_FORMAT_VERSION
-    manifest["files"] = {rel: sha256_file(path) for rel, path in _bundle_files(root).items()}
-    manifest["signer"] = {
-        "key_id": key_id(key.public_key()),
-        "public_key": base64.b64encode(public_key_bytes(key.public_key())).decode("ascii"),
-    }
-    signature = sign(key, SIGNATURE_CONTEXT, canonical_json(_unsigned(manifest)))
-    manifest["signature"] = base64.b64encode(signature).decode("ascii")
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / MANIFEST)
-    return manifest
+def sign_bundle(root: Path, manifest: BundleManifest, key: Ed25519PrivateKey) -> BundleManifest:
+    """Hash every file under ``root``, then write ``manifest`` with the hashes and the signature as
+    ``manifest.json``; return the signed manifest."""
+    signer = SignerInfo(key_id=key_id(key.public_key()),
+                        public_key=base64.b64encode(public_key_bytes(key.public_key())).decode("ascii"))
+    unsigned = replace(manifest, format_version=BUNDLE_FORMAT_VERSION, signer=signer, signature=None,
+                       files={rel: sha256_file(path) for rel, path in _bundle_files(root).items()})
+    signature = sign(key, SIGNATURE_CONTEXT, canonical_json(unsigned.unsigned_json()))
+    signed = replace(unsigned, signature=base64.b64encode(signature).decode("ascii"))
+    atomic_write(root / MANIFEST, json.dumps(signed.to_json(), indent=2, sort_keys=True) + "\n")
+    return signed
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
+def _read_manifest(root: Path) -> dict[str, object]:
     path = root / MANIFEST
     if not path.is_file():
         raise MissingFileError(MANIFEST, "the bundle has no manifest")
@@ -155,26 +147,26 @@ def verify_bundle_dir(root: Path, trusted_key: Ed25519PublicKey) -> VerifiedBund
     root = Path(root)
     if not root.is_dir():
         raise MissingFileError(str(root), "no such bundle directory")
-    manifest = _read_manifest(root)
-    version = manifest.get("format_version")
+    raw = _read_manifest(root)
+    version = raw.get("format_version")
     if version != BUNDLE_FORMAT_VERSION:
         raise UnsupportedFormatError(MANIFEST, f"unsupported format version {version!r} (supported: 1)")
-    missing_fields = [name for name in REQUIRED_FIELDS if name not in manifest]
-    if missing_fields or not isinstance(manifest.get("files"), dict):
-        raise MalformedManifestError(MANIFEST, f"missing fields: {', '.join(missing_fields) or 'files'}")
-    signer = manifest["signer"]
-    if not isinstance(signer, dict) or signer.get("key_id") != key_id(trusted_key):
+    try:
+        manifest = BundleManifest.from_json(raw, "manifest")
+    except DocumentError as error:
+        raise MalformedManifestError(MANIFEST, str(error)) from error
+    if manifest.signer is None or manifest.signer.key_id != key_id(trusted_key):
         raise UnknownKeyError(
-            MANIFEST, f"signed by unknown key {signer.get('key_id') if isinstance(signer, dict) else signer!r}, "
+            MANIFEST, f"signed by unknown key {manifest.signer.key_id if manifest.signer else None!r}, "
             f"expected the coordinator key {key_id(trusted_key)}"
         )
     try:
-        signature = base64.b64decode(str(manifest.get("signature", "")), validate=True)
-        verify(trusted_key, signature, SIGNATURE_CONTEXT, canonical_json(_unsigned(manifest)))
+        signature = base64.b64decode(manifest.signature or "", validate=True)
+        verify(trusted_key, signature, SIGNATURE_CONTEXT, canonical_json(_unsigned(raw)))
     except (SignatureError, ValueError) as error:
         raise BadSignatureError(MANIFEST, "the manifest signature does not verify") from error
 
-    listed: dict[str, str] = manifest["files"]
+    listed = manifest.files
     present = _bundle_files(root)
     for rel in sorted(listed):
         if rel not in present:
@@ -189,9 +181,9 @@ def verify_bundle_dir(root: Path, trusted_key: Ed25519PublicKey) -> VerifiedBund
         spec = AdapterSpec.load(root / ADAPTER_SPEC_FILE)
     except AdapterSpecError as error:
         raise MalformedManifestError(ADAPTER_SPEC_FILE, str(error)) from error
-    if spec.digest() != manifest["adapter"].get("spec_sha256"):
+    if spec.digest() != manifest.adapter.spec_sha256:
         raise MalformedManifestError(ADAPTER_SPEC_FILE, "adapter spec digest differs from the manifest's")
-    return VerifiedBundle(root, manifest, spec)
+    return VerifiedBundle(root, manifest, spec, sha256_hex(canonical_json(raw)))
 
 
 def pack_bundle(root: Path, tar_path: Path) -> Path:

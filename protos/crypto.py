@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -16,14 +15,19 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from protos.errors import ProtocolError
+from protos.files import atomic_write
+
 HASH_CHUNK = 1 << 20
 
 
-class KeyFileError(ValueError):
+class KeyFileError(ProtocolError):
     """A key file is missing, malformed or of the wrong kind."""
 
+    bad_input = True
 
-class SignatureError(ValueError):
+
+class SignatureError(ProtocolError):
     """A signature does not verify."""
 
 
@@ -86,25 +90,14 @@ def write_private_key(key: Ed25519PrivateKey, path: Path, *, force: bool = False
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(pem)
-        out.flush()
-        os.fsync(out.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    atomic_write(path, pem, mode=0o600)
 
 
 def write_public_key(key: Ed25519PublicKey, path: Path, *, force: bool = False) -> None:
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
     pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(pem)
-    os.replace(tmp, path)
+    atomic_write(path, pem)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

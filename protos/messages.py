@@ -13,15 +13,18 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from protos.adapter_spec import AdapterSpec, AdapterSpecError
+from protos.adapter_spec import AdapterSpec
 from protos.crypto import KeyFileError, SignatureError, canonical_json, key_id, public_key_from_raw, sign, verify
 from protos.delta_keys import x25519_key_id, x25519_public_from_raw
+from protos.documents import DocumentError
+from protos.errors import ProtocolError
+from protos.manifests import JobManifest, Limits
 
 JOB_MANIFEST_CONTEXT = "job-manifest/v1"
 RECEIPT_CONTEXT = "upload-receipt/v1"
 
 
-class ManifestError(ValueError):
+class ManifestError(ProtocolError):
     """A signed job manifest or receipt does not verify or is malformed."""
 
 
@@ -48,14 +51,6 @@ class SignedDocument:
 
 
 @dataclass(frozen=True)
-class Limits:
-    max_upload_bytes: int
-    max_plaintext_bytes: int
-    chunk_size: int
-    max_delta_norm_ratio: str  # decimal string: signed data carries no floats
-
-
-@dataclass(frozen=True)
 class JobInfo:
     job_id: str
     round: int  # the latest round (0 before the first is opened)
@@ -71,25 +66,23 @@ class JobInfo:
 
     @classmethod
     def from_manifest(cls, data: dict[str, Any], pinned: Ed25519PublicKey) -> JobInfo:
+        """Read a verified job manifest's JSON; its keys must be the pinned coordinator key and a valid delta key."""
         try:
-            coordinator_key = public_key_from_raw(base64.b64decode(data["coordinator"]["public_key"]))
-            if key_id(coordinator_key) != key_id(pinned) or data["coordinator"]["key_id"] != key_id(pinned):
-                raise ManifestError("the manifest names another coordinator key than the pinned one")
-            delta_key = x25519_public_from_raw(base64.b64decode(data["delta_key"]["public_key"]))
-            if x25519_key_id(delta_key) != data["delta_key"]["key_id"]:
-                raise ManifestError("delta_key: key id does not match the key")
-            bundle = data["bundle"]
-            return cls(
-                job_id=str(data["job_id"]), round=int(data["round"]), round_state=str(data["round_state"]),
-                bundle_digest=str(bundle["digest"]), bundle_tar_sha256=str(bundle["tar_sha256"]),
-                bundle_size=int(bundle["size"]), adapter_spec=AdapterSpec.from_json(data["adapter_spec"]),
-                coordinator_key=coordinator_key, delta_key_id=x25519_key_id(delta_key), delta_public_key=delta_key,
-                limits=Limits(**data["limits"]),
-            )
-        except (KeyError, TypeError, ValueError, AdapterSpecError, KeyFileError) as error:
-            if isinstance(error, ManifestError):
-                raise
-            raise ManifestError(f"malformed job manifest: {error!r}") from error
+            manifest = JobManifest.from_json(data, "job manifest")
+            coordinator_key = public_key_from_raw(base64.b64decode(manifest.coordinator.public_key, validate=True))
+            delta_key = x25519_public_from_raw(base64.b64decode(manifest.delta_key.public_key, validate=True))
+        except (DocumentError, KeyFileError, ValueError) as error:
+            raise ManifestError(f"malformed job manifest: {error}") from error
+        if key_id(coordinator_key) != key_id(pinned) or manifest.coordinator.key_id != key_id(pinned):
+            raise ManifestError("the manifest names another coordinator key than the pinned one")
+        if x25519_key_id(delta_key) != manifest.delta_key.key_id:
+            raise ManifestError("delta_key: key id does not match the key")
+        return cls(
+            job_id=manifest.job_id, round=manifest.round, round_state=manifest.round_state,
+            bundle_digest=manifest.bundle.digest, bundle_tar_sha256=manifest.bundle.tar_sha256,
+            bundle_size=manifest.bundle.size, adapter_spec=manifest.adapter_spec, coordinator_key=coordinator_key,
+            delta_key_id=x25519_key_id(delta_key), delta_public_key=delta_key, limits=manifest.limits,
+        )
 
 
 @dataclass(frozen=True)

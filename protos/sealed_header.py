@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from protos.crypto import canonical_json
+from protos.errors import ProtocolError
 
 FORMAT = "offsite-sealed-delta"
 FORMAT_VERSION = 1
@@ -22,7 +23,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
-class SealedDeltaError(ValueError):
+class SealedDeltaError(ProtocolError):
     """A sealed delta is malformed, tampered with, or meant for another context."""
 
 

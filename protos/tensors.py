@@ -15,20 +15,47 @@ from dataclasses import dataclass
 
 import torch
 
-from emulator.surgery import TORCH_DTYPES, PlugInError, check_adapter
 from protos.adapter_spec import AdapterSpec
+from protos.errors import ProtocolError
 
 MAX_HEADER_BYTES = 1 << 24
 MAX_ENTRIES = 1 << 16
-ITEM_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+# The project's one dtype table: safetensors dtype names <-> torch dtypes (and their item sizes).
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+ITEM_SIZES: dict[str, int] = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in TORCH_DTYPES.items()}
 
 
-class SafetensorsFormatError(ValueError):
+class SafetensorsFormatError(ProtocolError):
     """The bytes are not a well-formed safetensors file."""
 
 
-class DeltaValidationError(ValueError):
+class DeltaValidationError(ProtocolError):
     """The tensors are well formed but do not fit the adapter spec or the limits."""
+
+
+class AdapterMismatchError(ProtocolError):
+    """Tensors do not have exactly an adapter spec's names, shapes and dtypes."""
+
+
+def check_adapter_tensors(spec: AdapterSpec, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`AdapterMismatchError` unless ``tensors`` has exactly the spec's names, shapes and dtypes."""
+    expected = spec.by_name()
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    if missing:
+        raise AdapterMismatchError(f"adapter is missing tensors: {', '.join(missing[:5])}")
+    if unknown:
+        raise AdapterMismatchError(f"adapter has unknown tensors: {', '.join(unknown[:5])}")
+    for name, tensor in tensors.items():
+        want = expected[name]
+        if tuple(tensor.shape) != want.shape:
+            raise AdapterMismatchError(f"{name}: shape {tuple(tensor.shape)} != expected {want.shape}")
+        if SAFETENSORS_DTYPES.get(tensor.dtype) != want.dtype:
+            raise AdapterMismatchError(f"{name}: dtype {tensor.dtype} != expected {want.dtype}")
 
 
 @dataclass(frozen=True)
@@ -121,8 +148,8 @@ def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
 def validate_delta(tensors: Mapping[str, torch.Tensor], spec: AdapterSpec, *, max_norm: float) -> float:
     """Exact names/shapes/dtypes of ``spec``, every value finite, global L2 norm at most ``max_norm``."""
     try:
-        check_adapter(spec, tensors)
-    except PlugInError as error:
+        check_adapter_tensors(spec, tensors)
+    except AdapterMismatchError as error:
         raise DeltaValidationError(f"delta does not match the adapter spec: {error}") from error
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -6,6 +6,7 @@ import base64
 import json
 import shutil
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from emulator.loading import embedded_model_path
 from emulator.split import SplitConfig
 from protos import bundle as B
 from protos.crypto import canonical_json, sign
+from protos.manifests import BundleManifest
 from tests.models import tiny_model
 
 
@@ -44,13 +46,13 @@ def bundle(built: Path, tmp_path: Path) -> Path:
 def test_a_fresh_bundle_verifies(bundle: Path, coordinator_key: Ed25519PrivateKey) -> None:
     verified = B.verify_bundle(bundle, coordinator_key.public_key())
     manifest = verified.manifest
-    assert manifest["format_version"] == 1
-    assert manifest["base_model"]["weights_sha256"] == state_dict_digest(tiny_model("gpt2"))
-    assert manifest["compression"]["kept_middle"] == [1, 4]
-    assert [e["full_index"] for e in manifest["layer_map"]] == [0, 1, 4, 5]
-    assert set(manifest["files"]) >= {"emulator/config.json", "emulator/model.safetensors",
-                                      "adapter/adapter_spec.json", "adapter/adapter.safetensors"}
-    assert any(name.startswith("tokenizer/") for name in manifest["files"])
+    assert manifest.format_version == 1
+    assert manifest.base_model.weights_sha256 == state_dict_digest(tiny_model("gpt2"))
+    assert manifest.compression.kept_middle == [1, 4]
+    assert [e.full_index for e in manifest.layer_map] == [0, 1, 4, 5]
+    assert set(manifest.files) >= {"emulator/config.json", "emulator/model.safetensors",
+                                   "adapter/adapter_spec.json", "adapter/adapter.safetensors"}
+    assert any(name.startswith("tokenizer/") for name in manifest.files)
     weights = load_file(str(verified.adapter_weights))
     assert sorted(weights) == sorted(verified.adapter_spec.names)
     assert {int(n.split(".")[2]) for n in weights} == {0, 5}
@@ -169,6 +171,6 @@ def test_building_over_an_existing_bundle_needs_force(built: Path, coordinator_k
                      coordinator_key)
 
 
-def _fields(bundle: Path) -> dict[str, object]:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    return {k: v for k, v in manifest.items() if k not in ("signature", "signer", "files", "format_version")}
+def _fields(bundle: Path) -> BundleManifest:
+    manifest = BundleManifest.from_json(json.loads((bundle / "manifest.json").read_text()))
+    return replace(manifest, signature=None, signer=None, files={})

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from coordinator.bundles import build_bundle
 from coordinator.distill import distill_bundle
-from coordinator.report import fidelity_report
+from coordinator.fidelity_report import fidelity_report
 from emulator.distill import DistillConfig
 from emulator.split import SplitConfig
 from protos.bundle import verify_bundle
@@ -60,7 +60,8 @@ def test_causal_distillation_trains_with_the_lm_loss_and_the_report_has_three_pe
     result = setup["straight"]
     assert all("lm_loss" in point for point in result.curve)
     manifest = verify_bundle(root / "straight", key.public_key()).manifest
-    assert manifest["compression"]["distillation"]["settings"]["lm_weight"] == 1.0
+    assert manifest.compression.distillation is not None
+    assert manifest.compression.distillation.settings["lm_weight"] == 1.0
     report = fidelity_report(root / "straight", key.public_key(), full=setup["full"], corpus=[setup["corpus"]])
     for variant in ("full", "layer_drop", "distilled", "layer_drop_int8", "distilled_int8"):
         assert math.isfinite(report[variant]["perplexity"]) and report[variant]["perplexity"] > 1

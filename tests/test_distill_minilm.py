@@ -80,13 +80,14 @@ def test_the_distilled_bundle_is_signed_and_records_its_provenance(bundles: dict
     root, key = bundles["root"], bundles["key"]
     source = verify_bundle(root / "plain", key.public_key())
     distilled = verify_bundle(root / "distilled", key.public_key())
-    record = distilled.manifest["compression"]["distillation"]
-    assert record["settings"]["steps"] == CONFIG.steps and record["settings"]["lr"] == CONFIG.lr
-    assert record["corpus"]["sha256"] == corpus_digest([default_corpus()])
-    assert record["source_bundle_sha256"] == source.digest
-    assert record["best_step"] == bundles["result"].best_step
-    assert "distill_curve.json" in distilled.manifest["files"]
-    assert distilled.manifest["base_model"] == source.manifest["base_model"]
+    record = distilled.manifest.compression.distillation
+    assert record is not None
+    assert record.settings["steps"] == CONFIG.steps and record.settings["lr"] == CONFIG.lr
+    assert record.corpus.sha256 == corpus_digest([default_corpus()])
+    assert record.source_bundle_sha256 == source.digest
+    assert record.best_step == bundles["result"].best_step
+    assert "distill_curve.json" in distilled.manifest.files
+    assert distilled.manifest.base_model == source.manifest.base_model
 
 
 def test_report_on_a_plain_bundle_omits_distilled(bundles: dict) -> None:

@@ -16,14 +16,17 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from coordinator.blobs import BlobStore
+from coordinator.demo_data import demo_dataset
 from coordinator.federation import checkpoint_path
 from coordinator.server import start_server
 from coordinator.simulate import SimulateConfig, setup
 from coordinator.state import StateStore
+from protos.round_config import RoundConfig
 from tests.models import subset, tiny_classifier_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "wordnet-lexnames"
+DATA = demo_dataset()
 BIN = Path(sys.executable).parent
 
 
@@ -64,7 +67,7 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
         model=str(tiny_classifier_dir(tmp_path / "tiny-bert")), task="classification",
         train_file=subset(DATA / "train.jsonl", tmp_path / "train.jsonl", 96),
         eval_file=subset(DATA / "eval.jsonl", tmp_path / "eval.jsonl", 24), workdir=work, clients=2, rounds=2,
-        bottom=1, top=1, keep=1, lr=1e-3, max_length=32,
+        bottom=1, top=1, keep=1, training=RoundConfig(lr=1e-3, max_length=32),
     )
     prepared = setup(config)  # bundle, owners approved, job created, initial global adapter checkpointed
     variant = prepared.variants[0]
@@ -123,7 +126,7 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
         uploads = store.accepted_uploads(job_id, round_number)
         assert len(uploads) == 2 and len({u.owner_id for u in uploads}) == 2
         for upload in uploads:  # at rest the delta is ciphertext: no safetensors header, no tensor names
-            blob = store.blobs.path(upload.blob_sha256).read_bytes()
+            blob = BlobStore(work / "state" / "blobs").path(upload.blob_sha256).read_bytes()
             assert b"encoder.layer" not in blob and b'"dtype"' not in blob
     initial = load_file(str(checkpoint_path(checkpoints, 0)))
     final = load_file(str(checkpoint_path(checkpoints, 2)))

@@ -11,14 +11,17 @@ import torch
 from safetensors.torch import load_file
 
 from client.transport import CoordinatorClient
+from coordinator.demo_data import demo_dataset
 from coordinator.federation import checkpoint_path, load_progress
 from coordinator.server import start_server
 from coordinator.simulate import SimulateConfig, setup, simulate
 from coordinator.state import StateStore
+from emulator.corpus import default_corpus
 from protos import crypto
+from protos.round_config import RoundConfig
 from tests.models import subset, tiny_causal_dir, tiny_classifier_dir
 
-DATA = Path(__file__).resolve().parents[1] / "examples" / "wordnet-lexnames"
+DATA = demo_dataset()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def base_config(tmp_path_factory: pytest.TempPathFactory) -> SimulateConfig:
         model=str(tiny_classifier_dir(root / "tiny-bert")), task="classification",
         train_file=subset(DATA / "train.jsonl", root / "train.jsonl", 96),
         eval_file=subset(DATA / "eval.jsonl", root / "eval.jsonl", 30), workdir=root / "unused", clients=2,
-        rounds=2, bottom=1, top=1, keep=1, lr=2e-3, max_length=32, node_wait=5.0,
+        rounds=2, bottom=1, top=1, keep=1, training=RoundConfig(lr=2e-3, max_length=32), node_wait=5.0,
     )
 
 
@@ -121,7 +124,7 @@ def test_too_few_deltas_abort_the_round(base_config: SimulateConfig, tmp_path: P
 @pytest.mark.slow
 def test_causal_lm_with_lora(tmp_path: Path) -> None:
     """Prompt + completion data, LoRA on the adapter blocks, perplexity (lower is better) in the report."""
-    docs = (Path(__file__).resolve().parents[1] / "examples" / "corpus" / "python-docstrings.txt").read_text()
+    docs = default_corpus().read_text()
     lines = [line for line in docs.splitlines() if len(line.split()) > 8][:80]
     rows = [json.dumps({"prompt": " ".join(line.split()[:4]), "completion": " " + " ".join(line.split()[4:24])})
             for line in lines]
@@ -130,7 +133,7 @@ def test_causal_lm_with_lora(tmp_path: Path) -> None:
     config = SimulateConfig(
         model=str(tiny_causal_dir(tmp_path / "tiny-gpt2")), task="causal-lm", train_file=tmp_path / "train.jsonl",
         eval_file=tmp_path / "eval.jsonl", workdir=tmp_path / "run", clients=2, rounds=1, bottom=1, top=1, keep=1,
-        method="lora", lr=5e-3, max_length=48, node_wait=5.0,
+        training=RoundConfig(method="lora", lr=5e-3, max_length=48), node_wait=5.0,
     )
     report = simulate(config, tmp_path / "report.json")
     written = json.loads((tmp_path / "report.json").read_text())

@@ -40,9 +40,9 @@ def test_quantized_middle_keeps_outputs_close_and_passes_gradients_to_the_bottom
     reference = final_hidden(emulator.model).detach()
     fp32_bytes = model_bytes(emulator.model)
     record = quantize(emulator)
-    assert record is not None and record["modules"]
+    assert record is not None and record.modules
     assert all(name.startswith((f"{emulator.location.prefix}.1.", f"{emulator.location.prefix}.2."))
-               for name in record["modules"])
+               for name in record.modules)
     assert model_bytes(emulator.model) < fp32_bytes
     out = final_hidden(emulator.model)
     assert ((out - reference).pow(2).mean() / reference.pow(2).mean()).item() < 1e-3
@@ -64,7 +64,8 @@ def test_int8_bundle_loads_back_with_load_emulator(family: str, tmp_path: Path) 
     build_bundle(full, tokenizer, "tiny", SplitConfig(1, 1, 2), tmp_path / "int8", key, quantize="int8")
     build_bundle(full, tokenizer, "tiny", SplitConfig(1, 1, 2), tmp_path / "plain", key)
     verified = verify_bundle(tmp_path / "int8", key.public_key())
-    assert verified.manifest["emulator"]["quantization"]["method"] == "int8-weight-only"
+    assert verified.manifest.emulator.quantization is not None
+    assert verified.manifest.emulator.quantization.method == "int8-weight-only"
     loaded = load_emulator(verified)
     plain = load_emulator(verify_bundle(tmp_path / "plain", key.public_key()))
     assert any(isinstance(m, Int8Linear) for m in loaded.modules())
@@ -113,7 +114,7 @@ def test_a_data_owner_round_trains_on_an_int8_bundle(tmp_path: Path) -> None:
     build_bundle(full, str(model_dir), "tiny", SplitConfig(1, 1, 2), tmp_path / "b", key, task="classification",
                  extra_adapter_tensors=head_parameters(full), quantize="int8")
     verified = verify_bundle(tmp_path / "b", key.public_key())
-    assert verified.manifest["emulator"]["quantization"]["modules"]
+    assert verified.manifest.emulator.quantization is not None and verified.manifest.emulator.quantization.modules
     initial = load_file(str(verified.adapter_weights))
     examples = [Example(text, label=i % 2) for i, text in enumerate(["a cat", "an oak", "a fox", "a pine"] * 2)]
     result, spec = train_round(verified, initial, examples, examples[:2], MethodConfig("layers"),

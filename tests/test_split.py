@@ -23,23 +23,25 @@ def test_uniform_keep_indices(m: int, k: int, expected: list[int]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "flag"),
+    ("kwargs", "field"),
     [
-        ({"bottom": -1}, "--bottom"),
-        ({"top": -2}, "--top"),
-        ({"bottom": 0, "top": 0}, "--bottom"),
-        ({"keep": 0}, "--keep"),
+        ({"bottom": -1}, "bottom"),
+        ({"top": -2}, "top"),
+        ({"bottom": 0, "top": 0}, "bottom"),
+        ({"keep": 0}, "keep"),
     ],
 )
-def test_invalid_split_names_the_flag(kwargs: dict[str, int], flag: str) -> None:
-    with pytest.raises(SplitError, match=flag):
+def test_invalid_split_names_the_field(kwargs: dict[str, int], field: str) -> None:
+    with pytest.raises(SplitError, match=f"^{field}") as error:
         SplitConfig(**kwargs)
+    assert error.value.field == field
+    assert error.value.render(lambda name: f"--{name}").startswith(f"--{field}")  # what a CLI prints
 
 
 def test_split_must_leave_a_middle() -> None:
-    with pytest.raises(SplitError, match="--bottom 3 plus --top 3"):
+    with pytest.raises(SplitError, match="bottom 3 plus top 3"):
         SplitConfig(3, 3).plan(6)
-    with pytest.raises(SplitError, match="--keep 5 exceeds the 4 middle blocks"):
+    with pytest.raises(SplitError, match="keep 5 exceeds the 4 middle blocks"):
         SplitConfig(1, 1, 5).plan(6)
 
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from client.cli import app as client_app
 from client.transport import CoordinatorClient
 from coordinator.cli import app as coordinator_app
-from coordinator.state import StateStore
+from coordinator.storage import Storage
 from protos import crypto
 from protos.offsite.v1 import coordinator_pb2 as pb
 from protos.offsite.v1.coordinator_pb2_grpc import CoordinatorStub
@@ -60,9 +60,9 @@ def test_coordinator_killed_mid_upload_then_retry(tmp_path: Path,
     key_file, state = tmp_path / "coordinator.key", tmp_path / "state"
     crypto.write_private_key(key, key_file)
     owner = Ed25519PrivateKey.generate()
-    store = StateStore(state)
-    populate(store, bundle, key, {"alice": owner})
-    store.close()
+    storage = Storage.open(state)
+    populate(storage, bundle, key, {"alice": owner})
+    storage.close()
     port = free_port()
     process = serve(state, key_file, port)
     client = CoordinatorClient(f"127.0.0.1:{port}", coordinator_key=key.public_key(), insecure=True, retries=8)

@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from client.transport import CoordinatorClient, TransportError
 from coordinator.intake import open_accepted_upload
+from coordinator.jobs import bundle_tar, create_job
 from coordinator.server import start_server
 from protos import serde
 from protos.offsite.v1 import coordinator_pb2 as pb
@@ -48,7 +49,7 @@ def test_job_manifest_is_signed_and_complete(wire: Wire) -> None:
     job = wire.job("jobA")
     assert (job.round, job.round_state) == (1, "OPEN")
     assert job.adapter_spec.digest() == SPEC.digest()
-    assert job.delta_key_id == wire.store.keyring.current_id
+    assert job.delta_key_id == wire.keyring.current_id
     other = CoordinatorClient(wire.server.address, coordinator_key=Ed25519PrivateKey.generate().public_key(),
                               insecure=True)
     with other, pytest.raises(ValueError, match="signature does not verify"):
@@ -75,7 +76,7 @@ def test_same_slot_with_different_bytes_is_refused(wire: Wire) -> None:
     other_id = wire.seal(good_delta(0.02), upload_id="up-2")
     error = rpc_error(wire.client.submit_sealed, other_id)
     assert error.code() == CODE.ALREADY_EXISTS and "already has an accepted upload" in error.details()
-    assert wire.store.round_status("jobA", 1)[2] == 1 and len(wire.store.blobs.visible()) == 1
+    assert wire.store.round_status("jobA", 1)[2] == 1 and len(wire.blobs.visible()) == 1
 
 
 @pytest.mark.parametrize(("owner", "code", "words"), [
@@ -101,8 +102,8 @@ def test_upload_to_a_closed_round(wire: Wire) -> None:
 def test_stream_larger_than_the_cap(wire: Wire, tmp_path: Path, bundle_dir: tuple[Path, Ed25519PrivateKey]) -> None:
     sealed = wire.seal()
     blob_size = len(sealed.preamble()) + len(sealed.ciphertext)
-    wire.store.create_job("capped", bundle_dir[0], wire.key.public_key(), adapter_spec=SPEC,
-                          reference_adapter=reference(), chunk_size=CHUNK, max_upload_bytes=blob_size + 100)
+    create_job(wire.storage, "capped", bundle_dir[0], wire.key.public_key(), adapter_spec=SPEC,
+               reference_adapter=reference(), chunk_size=CHUNK, max_upload_bytes=blob_size + 100)
     wire.store.open_round("capped", 1)
     fits = wire.seal(job_id="capped")
     extra = [bytes(c) for c in fits.chunks()] + [bytes(4096)]
@@ -110,7 +111,7 @@ def test_stream_larger_than_the_cap(wire: Wire, tmp_path: Path, bundle_dir: tupl
     assert error.code() == CODE.RESOURCE_EXHAUSTED and "cap" in error.details()
     too_big = wire.seal(torch.zeros(4096).numpy().tobytes(), job_id="capped")
     assert rpc_error(wire.client.submit_sealed, too_big).code() == CODE.RESOURCE_EXHAUSTED
-    assert wire.store.blobs.visible() == [] and list(wire.store.blobs.tmp.iterdir()) == []
+    assert wire.blobs.visible() == [] and list(wire.blobs.tmp.iterdir()) == []
     assert wire.client.submit_sealed(fits).upload_id == fits.header.upload_id
 
 
@@ -140,12 +141,12 @@ def test_disconnect_and_retry_accepts_exactly_once(wire: Wire, fraction: float) 
 
     future = wire.stub.SubmitDelta.future(stalled())
     deadline = time.time() + 5
-    while not list(wire.store.blobs.tmp.iterdir()) and time.time() < deadline:
+    while not list(wire.blobs.tmp.iterdir()) and time.time() < deadline:
         time.sleep(0.01)
     future.cancel()
     hang.set()
     deadline = time.time() + 5
-    while list(wire.store.blobs.tmp.iterdir()) and time.time() < deadline:
+    while list(wire.blobs.tmp.iterdir()) and time.time() < deadline:
         time.sleep(0.01)
     wire.assert_nothing_written()
     receipt = wire.client.submit_sealed(sealed)
@@ -162,9 +163,9 @@ def test_accepted_uploads_reopen_for_aggregation(wire: Wire) -> None:
     records = wire.store.accepted_uploads("jobA", 1)
     assert [(r.owner_id, r.num_examples) for r in records] == [("alice", 9), ("bob", 5)]
     for record in records:
-        tensors = open_accepted_upload(wire.store, record)
+        tensors = open_accepted_upload(wire.storage, record)
         assert all(torch.equal(tensors[name], deltas[record.owner_id][name]) for name in tensors)
-        assert wire.store.blobs.path(record.blob_sha256).read_bytes()[:6] == b"OFSDLT"  # encrypted at rest
+        assert wire.blobs.path(record.blob_sha256).read_bytes()[:6] == b"OFSDLT"  # encrypted at rest
     wire.store.close_round("jobA", 1)
     wire.store.mark_aggregated("jobA", 1)
     assert wire.client.round_status("jobA", 1).state == "AGGREGATED"
@@ -185,7 +186,7 @@ def test_round_transitions(wire: Wire) -> None:
 
 def test_bundle_download_resumes_and_verifies(wire: Wire, tmp_path: Path) -> None:
     job = wire.job()
-    tar = wire.store.bundle_tar("jobA").read_bytes()
+    tar = bundle_tar(wire.storage, "jobA").read_bytes()
     dest = tmp_path / "dl"
     dest.mkdir()
     (dest / "bundle.tar.part").write_bytes(tar[: len(tar) // 3])
@@ -235,7 +236,7 @@ def test_tls_and_mutual_tls(tmp_path: Path, bundle_dir: tuple[Path, Ed25519Priva
     server = start_server(tmp_path / "state", signing_key=key, tls_cert=_pem(server_cert), tls_key=_pem(server_key),
                           client_ca=_pem(ca))
     try:
-        populate(server.store, bundle, key, {})
+        populate(server.storage, bundle, key, {})
         mutual = CoordinatorClient(f"localhost:{server.port}", coordinator_key=key.public_key(),
                                    root_certificates=_pem(ca), client_key=_pem(client_key),
                                    client_cert=_pem(client_cert))
@@ -252,7 +253,7 @@ def test_tls_and_mutual_tls(tmp_path: Path, bundle_dir: tuple[Path, Ed25519Priva
 def test_delta_key_rotation_keeps_old_deltas_openable(wire: Wire) -> None:
     before = wire.job()
     sealed_to_old = wire.seal(owner="alice")
-    new_id = wire.store.keyring.rotate()
+    new_id = wire.keyring.rotate()
     after = wire.job()
     assert after.delta_key_id == new_id != before.delta_key_id
     assert not wire.client.submit_sealed(sealed_to_old).already_accepted
@@ -260,15 +261,15 @@ def test_delta_key_rotation_keeps_old_deltas_openable(wire: Wire) -> None:
 
 
 def test_only_the_server_start_clears_partial_uploads(tmp_path: Path) -> None:
-    from coordinator.state import StateStore
+    from coordinator.storage import Storage
 
-    StateStore(tmp_path).close()
+    Storage.open(tmp_path).close()
     partial = tmp_path / "blobs" / "tmp" / "upload-inflight"
     orphan = tmp_path / "blobs" / "sha256" / ("ab" * 32)
     partial.write_bytes(b"half")
     orphan.write_bytes(b"renamed, never committed")
-    StateStore(tmp_path).close()  # an admin command beside a live server
+    Storage.open(tmp_path).close()  # an admin command beside a live server
     assert partial.exists() and orphan.exists()
-    store = StateStore(tmp_path, recover=True)
-    store.close()
-    assert not partial.exists() and not orphan.exists() and len(store.recovered) == 2
+    storage = Storage.open(tmp_path, recover=True)
+    storage.close()
+    assert not partial.exists() and not orphan.exists() and len(storage.recovered) == 2

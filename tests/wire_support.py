@@ -15,8 +15,12 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.transport import CoordinatorClient
+from coordinator.blobs import BlobStore
+from coordinator.jobs import create_job
+from coordinator.keyring import DeltaKeyring
 from coordinator.server import RunningServer, start_server
 from coordinator.state import StateStore
+from coordinator.storage import Storage
 from protos import serde
 from protos.adapter_spec import AdapterSpec, TensorSpec
 from protos.crypto import sign
@@ -66,12 +70,13 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ed25519P
     return out, key
 
 
-def populate(store: StateStore, bundle: Path, key: Ed25519PrivateKey, owners: dict[str, Ed25519PrivateKey],
+def populate(storage: Storage, bundle: Path, key: Ed25519PrivateKey, owners: dict[str, Ed25519PrivateKey],
              **job_options: int) -> None:
     """Jobs A (round 1 OPEN) and B (round 1 CLOSED, round 2 OPEN); alice and bob approved, carol pending."""
+    store = storage.store
     for job_id in ("jobA", "jobB"):
-        store.create_job(job_id, bundle, key.public_key(), adapter_spec=SPEC, reference_adapter=reference(),
-                         chunk_size=CHUNK, **job_options)
+        create_job(storage, job_id, bundle, key.public_key(), adapter_spec=SPEC, reference_adapter=reference(),
+                   chunk_size=CHUNK, **job_options)
     store.open_round("jobA", 1)
     store.open_round("jobB", 1)
     store.close_round("jobB", 1)
@@ -93,6 +98,18 @@ class Wire:
     def store(self) -> StateStore:
         return self.server.store
 
+    @property
+    def storage(self) -> Storage:
+        return self.server.storage
+
+    @property
+    def blobs(self) -> BlobStore:
+        return self.server.storage.blobs
+
+    @property
+    def keyring(self) -> DeltaKeyring:
+        return self.server.storage.keyring
+
     def job(self, job_id: str = "jobA") -> JobInfo:
         return self.client.get_job(job_id)
 
@@ -105,8 +122,8 @@ class Wire:
         return self.stub.SubmitDelta(iter(messages))
 
     def assert_nothing_written(self) -> None:
-        assert self.store.blobs.visible() == []
-        assert list(self.store.blobs.tmp.iterdir()) == []
+        assert self.blobs.visible() == []
+        assert list(self.blobs.tmp.iterdir()) == []
         assert self.store.round_status("jobA", 1)[2] == 0
         assert self.client.round_status("jobA", 1).state == "OPEN"  # still serving
 
@@ -136,7 +153,7 @@ def wire(tmp_path: Path, bundle_dir: tuple[Path, Ed25519PrivateKey]) -> Iterator
     bundle, key = bundle_dir
     owners = {name: Ed25519PrivateKey.generate() for name in ("alice", "bob", "carol")}
     server = start_server(tmp_path / "state", signing_key=key, insecure=True)
-    populate(server.store, bundle, key, owners)
+    populate(server.storage, bundle, key, owners)
     client = CoordinatorClient(server.address, coordinator_key=key.public_key(), insecure=True, backoff_s=0.05)
     channel = grpc.insecure_channel(server.address)
     try:

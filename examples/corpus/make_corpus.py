@@ -1,9 +1,11 @@
 """Regenerate ``python-docstrings.txt``: docstrings of the Python standard library, one document per line.
 
 The text is Python's own documentation (PSF License Agreement, see LICENSE-PSF.txt beside this file), read from
-the interpreter's ``Lib/`` sources with :mod:`ast` (nothing is imported or executed). Run it with any CPython 3.11+:
+the interpreter's ``Lib/`` sources with :mod:`ast` (nothing is imported or executed). The corpus ships as package
+data of ``emulator``: by default this writes ``emulator/corpora/python-docstrings.txt`` of this repository (keep
+``LICENSE-PSF.txt`` beside it). Run it with any CPython 3.11+:
 
-    python examples/corpus/make_corpus.py [--max-bytes 300000]
+    python examples/corpus/make_corpus.py [--max-bytes 300000] [--out PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ MODULES = (
     "urllib/parse", "urllib/request", "uuid", "warnings", "weakref", "zipfile", "zoneinfo/_zoneinfo",
 )
 MIN_CHARS = 160
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "emulator" / "corpora" / "python-docstrings.txt"
 
 
 def docstrings(path: Path) -> list[str]:
@@ -45,7 +48,7 @@ def docstrings(path: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-bytes", type=int, default=300_000)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("python-docstrings.txt"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     lib = Path(sysconfig.get_paths()["stdlib"])
     seen: set[str] = set()

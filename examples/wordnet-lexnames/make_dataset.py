@@ -2,8 +2,10 @@
 
 Source: Debian's ``wordnet-base`` package (``apt-get install wordnet-base``, or ``apt-get download wordnet-base``
 and ``dpkg -x`` it), file ``/usr/share/wordnet/data.noun``. Licence: the WordNet 3.0 licence (see LICENSE).
+The dataset ships as package data: by default this writes ``train.jsonl`` and ``eval.jsonl`` into
+``coordinator/demo_data/wordnet-lexnames/`` of this repository (keep ``LICENSE`` beside them).
 
-    python examples/wordnet-lexnames/make_dataset.py [--data-noun /usr/share/wordnet/data.noun]
+    python examples/wordnet-lexnames/make_dataset.py [--data-noun /usr/share/wordnet/data.noun] [--out DIR]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 LEXNAMES = {"05": "animal", "06": "artifact", "13": "food", "17": "object", "18": "person", "20": "plant"}
 PER_LABEL = 260
 EVAL_FRACTION = 0.2
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "coordinator" / "demo_data" / "wordnet-lexnames"
 
 
 def glosses(data_noun: Path) -> dict[str, list[tuple[str, str]]]:
@@ -40,7 +43,7 @@ def glosses(data_noun: Path) -> dict[str, list[tuple[str, str]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-noun", type=Path, default=Path("/usr/share/wordnet/data.noun"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     train, evaluation = [], []
     for label, items in sorted(glosses(args.data_noun).items()):

@@ -1,4 +1,5 @@
-"""The evaluation report: what the plug-in gains, and what a data owner (who only has the emulator) could not get.
+"""The plug-in evaluation report: what the plug-in gains, and what a data owner (who only has the emulator) could
+not get.
 
 Rows (each a key of the JSON holding its metric value): ``full_initial``, ``emulator_initial``, ``emulator_tuned``
 (the most a data owner can get), ``plugin_tuned`` (what the coordinator gets), and with the full-ft baseline
@@ -30,7 +31,7 @@ ROW_ORDER = ("full_initial", "emulator_initial", "emulator_tuned", "plugin_tuned
 
 
 @dataclass
-class EvalReport:
+class PluginReport:
     metric: str  # accuracy | perplexity
     rows: dict[str, float]
     notes: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +133,7 @@ def full_finetune_score(inputs: EvalInputs, initial: Mapping[str, torch.Tensor],
 
 def build_report(inputs: EvalInputs, initial: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], *,
                  full_ft: Callable[[], float] | None = None,
-                 extra_rows: Mapping[str, float] | None = None) -> EvalReport:
+                 extra_rows: Mapping[str, float] | None = None) -> PluginReport:
     rows = {
         "full_initial": plugin_score(inputs, initial, "full_initial"),
         "emulator_initial": emulator_score(inputs, initial, "emulator_initial"),
@@ -142,4 +143,4 @@ def build_report(inputs: EvalInputs, initial: Mapping[str, torch.Tensor], tuned:
     if full_ft is not None:
         rows["full_tuned"] = full_ft()
     rows.update(extra_rows or {})
-    return EvalReport(metric_of(inputs.task), rows)
+    return PluginReport(metric_of(inputs.task), rows)

@@ -12,15 +12,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from transformers import PreTrainedModel
 
-from coordinator.distill import (
-    CURVE_FILE,
-    bundle_emulator,
-    check_base_model,
-    is_causal,
-    load_full_model,
-    open_bundle,
-    split_of,
-)
+from coordinator.bundle_models import bundle_emulator, check_base_model, load_full_model, open_bundle, split_of
+from coordinator.distill import CURVE_FILE
 from emulator.corpus import (
     corpus_digest,
     default_corpus,
@@ -29,6 +22,7 @@ from emulator.corpus import (
     read_documents,
     split_documents,
 )
+from emulator.distill import DistillConfig
 from emulator.fidelity import hidden_fidelity, perplexity
 from emulator.loading import load_tokenizer
 from emulator.quantize import model_bytes, quantize
@@ -39,12 +33,12 @@ from protos.bundle import VerifiedBundle
 def report_documents(verified: VerifiedBundle, corpus: Sequence[Path] | None) -> list[str]:
     """A held-out corpus as given; the distillation corpus itself (or none: the default corpus) gives its held-out
     slice, the documents distillation never trained on."""
-    distillation = verified.manifest["compression"].get("distillation", {})
+    distillation = verified.manifest.compression.distillation
     paths = [Path(p) for p in corpus] if corpus else [default_corpus()]
-    if corpus and distillation.get("corpus", {}).get("sha256") != corpus_digest(paths):
+    if corpus and (distillation is None or distillation.corpus.sha256 != corpus_digest(paths)):
         return read_documents(paths)
-    percent = int(distillation.get("settings", {}).get("held_out_percent", 10))
-    return split_documents(read_documents(paths), percent)[1]
+    settings = DistillConfig() if distillation is None else DistillConfig(**distillation.settings)
+    return split_documents(read_documents(paths), settings.held_out_percent)[1]
 
 
 def fidelity_report(bundle: Path | VerifiedBundle, public_key: Ed25519PublicKey, *, full: PreTrainedModel | None = None,
@@ -60,14 +54,15 @@ def fidelity_report(bundle: Path | VerifiedBundle, public_key: Ed25519PublicKey,
     check_base_model(verified, full)
     tokenizer = prepare_tokenizer(load_tokenizer(str(verified.tokenizer_dir)))
     batches = list(eval_batches(tokenizer, report_documents(verified, corpus)[:max_docs], batch_size, seq_len))
-    causal = is_causal(verified)
+    causal = verified.manifest.is_causal
+    bundle_is_int8 = verified.manifest.emulator.quantization is not None
 
-    variants: dict[str, Emulator] = {"layer_drop": build_emulator(full, split_of(verified.manifest))}
-    if "distillation" in verified.manifest["compression"]:
+    variants: dict[str, Emulator] = {"layer_drop": build_emulator(full, split_of(verified))}
+    if verified.manifest.compression.distillation is not None:
         variants["distilled"] = bundle_emulator(verified, full)
     if int8:
         for name in list(variants):
-            if verified.manifest.get("emulator", {}).get("quantization") and name == "distilled":
+            if bundle_is_int8 and name == "distilled":
                 continue  # the bundle's emulator is already int8
             quantized = copy.deepcopy(variants[name])
             quantize(quantized)
@@ -79,8 +74,7 @@ def fidelity_report(bundle: Path | VerifiedBundle, public_key: Ed25519PublicKey,
     for name, emulator in variants.items():
         scores = {"perplexity": perplexity(emulator.model, batches)} if causal else \
             hidden_fidelity(full, emulator.model, batches)
-        is_int8 = name.endswith("_int8") or bool(verified.manifest.get("emulator", {}).get("quantization")
-                                                 and name == "distilled")
+        is_int8 = name.endswith("_int8") or (bundle_is_int8 and name == "distilled")
         report[name] = {**scores, "quantization": "int8" if is_int8 else "none",
                         "memory": {"param_bytes": model_bytes(emulator.model)}}
     return report

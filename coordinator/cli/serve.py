@@ -7,17 +7,9 @@ from typing import Annotated
 
 import typer
 
-from coordinator.cli_common import console, fail
-from coordinator.paths import default_coordinator_dir
+from coordinator.cli.common import KeyOption, StateOption, console, fail, fail_with, state_dir
 from coordinator.server import start_server
-
-StateOption = Annotated[Path | None, typer.Option("--state", help="State directory [default: "
-                                                                   "$OFFSITE_HOME/coordinator/state].")]
-KeyOption = Annotated[Path | None, typer.Option("--key", help="Signing key [default: the coordinator's].")]
-
-
-def state_dir(state: Path | None) -> Path:
-    return state or default_coordinator_dir() / "state"
+from protos import crypto
 
 
 def serve(
@@ -35,11 +27,14 @@ def serve(
         fail("give both --tls-cert and --tls-key")
     if tls_cert is None and not insecure:
         fail("give --tls-cert and --tls-key, or --insecure for plain text on localhost")
-    running = start_server(state_dir(state), port, host=host, tls_cert=tls_cert, tls_key=tls_key,
-                           client_ca=client_ca, insecure=insecure and tls_cert is None, signing_key=key)
+    try:
+        running = start_server(state_dir(state), port, host=host, tls_cert=tls_cert, tls_key=tls_key,
+                               client_ca=client_ca, insecure=insecure and tls_cert is None, signing_key=key)
+    except (crypto.KeyFileError, OSError) as error:
+        fail_with(error)
     mode = "insecure (plain text)" if tls_cert is None else ("mutual TLS" if client_ca else "TLS")
-    if running.store.recovered:
-        console.print(f"recovered: removed {len(running.store.recovered)} incomplete blob(s)")
+    if running.storage.recovered:
+        console.print(f"recovered: removed {len(running.storage.recovered)} incomplete blob(s)")
     console.print(f"serving on {host}:{running.port} [{mode}], state {state_dir(state)}", highlight=False)
     try:
         running.wait()

@@ -10,14 +10,20 @@ import typer
 from rich.table import Table
 
 from coordinator.bundles import build_bundle_from_model
-from coordinator.cli_common import console, fail, print_summary
+from coordinator.cli.common import KeyOption, console, fail_with, print_summary
 from coordinator.distill import distill_bundle
+from coordinator.errors import CoordinatorError
+from coordinator.fidelity_report import fidelity_report, plot_curve, read_curve
 from coordinator.paths import load_or_create_signing_key
-from coordinator.report import fidelity_report, plot_curve, read_curve
 from emulator.distill import DistillConfig
-from emulator.split import SplitConfig, SplitError
+from emulator.errors import EmulatorError
+from emulator.split import SplitConfig
 from protos import crypto
-from protos.bundle import BundleError, pack_bundle, verify_bundle
+from protos.bundle import pack_bundle, verify_bundle
+from protos.errors import ProtocolError
+
+# What a command can fail with, short of a bug: each is mapped to the shared exit codes.
+EXPECTED = (EmulatorError, ProtocolError, CoordinatorError, FileExistsError, FileNotFoundError)
 
 emulator_app = typer.Typer(help="Build and inspect emulator bundles.", no_args_is_help=True)
 
@@ -25,13 +31,12 @@ emulator_app = typer.Typer(help="Build and inspect emulator bundles.", no_args_i
 @emulator_app.command("build")
 def emulator_build(
     out: Annotated[Path, typer.Option(help="Output bundle directory.")],
-    model: Annotated[str | None, typer.Option(help="Hugging Face id or local path [default: embedded "
-                                                   "all-MiniLM-L6-v2].")] = None,
+    model: Annotated[str | None, typer.Option(help="Hugging Face id or local path (default: the embedded "
+                                                   "all-MiniLM-L6-v2).")] = None,
     bottom: Annotated[int, typer.Option(help="Adapter blocks at the bottom.")] = 2,
     top: Annotated[int, typer.Option(help="Adapter blocks at the top.")] = 2,
-    keep: Annotated[int | None, typer.Option(help="Middle blocks the emulator keeps [default: all].")] = None,
-    key: Annotated[Path | None, typer.Option(help="Signing key [default: the coordinator's, created on first "
-                                                  "use].")] = None,
+    keep: Annotated[int | None, typer.Option(help="Middle blocks the emulator keeps (default: all).")] = None,
+    key: KeyOption = None,
     task: Annotated[str, typer.Option(help="auto, base, causal-lm or classification.")] = "auto",
     tar: Annotated[bool, typer.Option(help="Also write OUT.tar.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle at OUT.")] = False,
@@ -44,8 +49,8 @@ def emulator_build(
         with console.status("building the emulator bundle"):
             summary = build_bundle_from_model(model, split, out, signing_key, task=task, force=force,
                                               quantize=quantize)
-    except (SplitError, FileExistsError, crypto.KeyFileError, ValueError) as error:
-        fail(str(error))
+    except EXPECTED as error:
+        fail_with(error)
     print_summary(summary)
     console.print(f"signed with {key_path} (key id {crypto.key_id(signing_key.public_key())})")
     if tar:
@@ -56,9 +61,9 @@ def emulator_build(
 def emulator_distill(
     bundle: Annotated[Path, typer.Argument(help="The bundle (directory or .tar) whose emulator to distil.")],
     out: Annotated[Path, typer.Option(help="Output bundle directory (checkpoints go to OUT.work).")],
-    corpus: Annotated[list[Path] | None, typer.Option(help="Public .txt / .jsonl text, repeatable [default: the "
-                                                           "shipped Python docstrings corpus].")] = None,
-    model: Annotated[str | None, typer.Option(help="The full model [default: the manifest's base_model.id].")] = None,
+    corpus: Annotated[list[Path] | None, typer.Option(help="Public .txt / .jsonl text, repeatable (default: the "
+                                                           "shipped Python docstrings corpus).")] = None,
+    model: Annotated[str | None, typer.Option(help="The full model (default: the manifest's base_model.id).")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = DistillConfig.steps,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (cosine decay).")] = DistillConfig.lr,
     batch_size: Annotated[int, typer.Option(help="Documents per step.")] = DistillConfig.batch_size,
@@ -70,7 +75,7 @@ def emulator_distill(
     per_block: Annotated[bool, typer.Option(help="Also match every kept block's output.")] = False,
     quantize: Annotated[str, typer.Option(help="none, or int8 for the distilled middle blocks.")] = "none",
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in OUT.work.")] = False,
-    key: Annotated[Path | None, typer.Option(help="Signing key [default: the coordinator's].")] = None,
+    key: KeyOption = None,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle at OUT.")] = False,
 ) -> None:
     """Distil the emulator's kept middle blocks toward the full model on public text; write a new signed bundle."""
@@ -80,8 +85,8 @@ def emulator_distill(
         signing_key, _ = load_or_create_signing_key(key)
         result = distill_bundle(bundle, None, corpus, out, config, signing_key, model=model,
                                 quantize_method=quantize, resume=resume, force=force)
-    except (BundleError, FileExistsError, crypto.KeyFileError, ValueError) as error:
-        fail(str(error))
+    except EXPECTED as error:
+        fail_with(error)
     start, best = result.held_out_start["normalized_error"], result.held_out["normalized_error"]
     console.print(f"held-out normalised error at the middle's output: layer drop {start:.4f} -> distilled "
                   f"{best:.4f} (best step {result.best_step}, {result.seconds:.0f} s)\nbundle {out}")
@@ -90,9 +95,9 @@ def emulator_distill(
 @emulator_app.command("report")
 def emulator_report(
     bundle: Annotated[Path, typer.Argument(help="The bundle to evaluate.")],
-    corpus: Annotated[list[Path] | None, typer.Option(help="Held-out text [default: the held-out slice of the "
-                                                           "distillation / default corpus].")] = None,
-    model: Annotated[str | None, typer.Option(help="The full model [default: the manifest's base_model.id].")] = None,
+    corpus: Annotated[list[Path] | None, typer.Option(help="Held-out text (default: the held-out slice of the "
+                                                           "distillation / default corpus).")] = None,
+    model: Annotated[str | None, typer.Option(help="The full model (default: the manifest's base_model.id).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
     png: Annotated[Path | None, typer.Option(help="Write the distillation curve as PNG.")] = None,
     int8: Annotated[bool, typer.Option(help="Also score int8 versions of the emulators.")] = True,
@@ -106,8 +111,8 @@ def emulator_report(
         with console.status("scoring the full model and the emulators"):
             report = fidelity_report(verified, signing_key.public_key(), model=model, corpus=corpus,
                                      max_docs=max_docs, int8=int8)
-    except (BundleError, crypto.KeyFileError, ValueError) as error:
-        fail(str(error))
+    except EXPECTED as error:
+        fail_with(error)
     table = Table(title=f"emulator fidelity: {bundle}")
     for column in ("variant", "perplexity", "normalized_error", "cosine", "param MiB"):
         table.add_column(column, justify="right")

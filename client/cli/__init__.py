@@ -1,0 +1,20 @@
+"""``offsite-client``: the data owner's CLI, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from client.cli.bundle import bundle_app
+from client.cli.keys import keys_app
+from client.cli.wire import join, submit
+
+app = typer.Typer(help="Offsite tuning, data owner's side: verify bundles, train, seal and submit deltas.",
+                  no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(keys_app, name="keys")
+app.command("join")(join)
+app.command("submit")(submit)
+
+
+def main() -> None:
+    app()

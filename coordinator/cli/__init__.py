@@ -1,0 +1,31 @@
+"""``offsite-coordinator``: the model owner's admin CLI, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from coordinator.cli.delta_key import delta_key_app
+from coordinator.cli.emulator import emulator_app
+from coordinator.cli.jobs import job_app
+from coordinator.cli.keys import keys_app
+from coordinator.cli.owners import owners_app
+from coordinator.cli.rounds import round_app
+from coordinator.cli.run import demo_command, eval_command, simulate_command
+from coordinator.cli.serve import serve
+
+app = typer.Typer(help="Offsite tuning, model owner's side: build bundles, run rounds, plug in, evaluate.",
+                  no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(emulator_app, name="emulator")
+app.command("simulate")(simulate_command)
+app.command("demo")(demo_command)
+app.command("eval")(eval_command)
+app.command("serve")(serve)
+app.add_typer(owners_app, name="owners")
+app.add_typer(job_app, name="job")
+app.add_typer(round_app, name="round")
+app.add_typer(delta_key_app, name="delta-key")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,88 @@
+"""``simulate``'s settings: one typed document, saved as ``simulate.json`` in the run directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.errors import InvalidSettingError
+from emulator.methods import MethodConfig
+from emulator.train import TrainConfig
+from protos.documents import Document
+from protos.files import atomic_write
+from protos.round_config import RoundConfig
+
+CONFIG_FILE = "simulate.json"
+TASKS = ("causal-lm", "classification")
+PARTITIONS = ("iid", "dirichlet")
+BASELINES = ("full-ft",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulateConfig(Document):
+    model: str | None = None  # a hub id or path; None: the embedded all-MiniLM-L6-v2
+    task: str = "classification"
+    train_file: Path
+    eval_file: Path
+    workdir: Path
+    clients: int = 2
+    rounds: int = 2
+    bottom: int = 1
+    top: int = 1
+    keep: int | None = 2
+    training: RoundConfig = field(default_factory=RoundConfig)  # method, LoRA, epochs, lr, ... sent each round
+    partition: str = "iid"
+    min_replies: int | None = None  # None: every client
+    baseline: str | None = None  # "full-ft": also fine-tune the full model centrally
+    distill_steps: int = 0  # 0: owners get the plain layer-drop emulator
+    node_wait: float = 30.0
+    round_timeout: float = 900.0
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise InvalidSettingError(f"{{clients}} must be >= 1, got {self.clients}")
+        if self.rounds < 1:
+            raise InvalidSettingError(f"{{rounds}} must be >= 1, got {self.rounds}")
+        if self.task not in TASKS:
+            raise InvalidSettingError(f"{{task}} must be causal-lm or classification, got {self.task!r}")
+        if self.partition not in PARTITIONS:
+            raise InvalidSettingError(f"{{partition}} must be iid or dirichlet, got {self.partition!r}")
+        if self.baseline not in (None, *BASELINES):
+            raise InvalidSettingError(f"{{baseline}} must be full-ft, got {self.baseline!r}")
+        if self.distill_steps < 0:
+            raise InvalidSettingError(f"{{distill_steps}} must be >= 0, got {self.distill_steps}")
+        if self.min_replies is not None and not 1 <= self.min_replies <= self.clients:
+            raise InvalidSettingError(f"{{min_replies}} must be between 1 and {{clients}}, got {self.min_replies}")
+        for name in ("train_file", "eval_file"):
+            if not Path(getattr(self, name)).is_file():
+                raise InvalidSettingError(f"{{{name}}} {getattr(self, name)}: no such file")
+        self.method_config  # noqa: B018 - validates the method's own settings
+        self.train_config  # noqa: B018
+
+    @property
+    def method_config(self) -> MethodConfig:
+        return MethodConfig.from_round(self.training)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_round(self.training)
+
+    @property
+    def replies_needed(self) -> int:
+        return self.min_replies or self.clients
+
+    def save(self) -> Path:
+        return atomic_write(self.workdir / CONFIG_FILE, json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> SimulateConfig:
+        """The settings a run directory was made with; raises naming the file when it is not a run directory."""
+        path = Path(run_dir) / CONFIG_FILE
+        if not path.is_file():
+            raise InvalidSettingError(f"{{run}} {run_dir}: no {CONFIG_FILE}; is it a simulate/demo run directory?")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise InvalidSettingError(f"{{run}} {path}: not valid JSON ({error.msg}, line {error.lineno})") from error
+        return cls.from_json(data, CONFIG_FILE)

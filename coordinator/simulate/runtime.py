@@ -1,0 +1,122 @@
+"""``simulate``'s federation: Flower's simulation runtime (Ray) beside the coordinator's real gRPC service.
+
+``run_simulation`` stays (rather than ``flwr run`` with the local simulation runtime) because ``simulate`` hands
+the ServerApp and ClientApp their settings in-process, including the address of a gRPC service on a port picked
+at run time; ``flwr run`` would need a Flower app directory and a run config written per run. The deployment path
+(SuperLink, SuperNodes, ``flwr run``) is exercised by ``tests/test_e2e_deployment.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from flwr.clientapp import ClientApp
+from flwr.simulation import run_simulation
+from rich.console import Console
+
+from coordinator.errors import CoordinatorError
+from coordinator.federation import FederationSettings, load_progress
+from coordinator.flower_app import make_server_app
+from coordinator.server import start_server
+from coordinator.simulate.config import SimulateConfig
+from coordinator.simulate.setup import Setup, Variant, coordinator_public_key
+
+console = Console()
+# The one reference from coordinator code to the client package: loaded by name, as Flower loads
+# ``[tool.flwr.app.components]``; the coordinator never imports the client package.
+CLIENT_APP_FACTORY = "client.flower_app:make_client_app"
+# Environment for Ray's workers (the data owners) when not verbose: no library chatter, progress bars stay.
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+             "RAY_DEDUP_LOGS": "1"}
+
+
+class SimulationRuntimeError(CoordinatorError):
+    """Flower's simulation runtime (Ray) could not start."""
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Unless ``verbose``: hide transformers' load reports, Flower's and Ray's warnings and INFO logs."""
+    if verbose:
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.update(QUIET_ENV)
+
+
+def load_client_app(settings: dict[str, Any]) -> ClientApp:
+    """The data owners' ClientApp, by reference: ``simulate`` only runs both sides on one machine."""
+    module_name, _, factory = CLIENT_APP_FACTORY.partition(":")
+    app = getattr(importlib.import_module(module_name), factory)(settings)
+    if not isinstance(app, ClientApp):
+        raise SimulationRuntimeError(f"{CLIENT_APP_FACTORY} did not return a ClientApp")
+    return app
+
+
+def start_ray(num_cpus: int, *, verbose: bool = False, attempts: int = 3) -> None:
+    """Start Ray before the gRPC service's threads exist (Ray forks its daemons), retrying a slow start;
+    Flower's Ray backend then reuses this instance and shuts it down when the simulation ends."""
+    import ray
+
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath  # what Flower's backend does when it starts Ray itself
+    env = {"PYTHONPATH": pythonpath, **({} if verbose else QUIET_ENV)}
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False,
+                     logging_level=logging.INFO if verbose else logging.ERROR,
+                     runtime_env={"env_vars": env})
+            return
+        except Exception as error:  # Ray raises a bare Exception when its node starts too slowly
+            ray.shutdown()
+            if attempt == attempts:
+                raise SimulationRuntimeError(f"Ray did not start after {attempts} attempts: {error}") from error
+            console.print(f"[yellow]Ray did not start ({error}); retrying[/]")
+
+
+def client_settings(config: SimulateConfig, variant: Variant, address: str) -> dict[str, Any]:
+    """The simulated owners' settings: what each owner's SuperNode node-config would hold in a deployment."""
+    work = config.workdir
+    return {
+        "coordinator": address, "insecure": True, "job-id": variant.job_id,
+        "coordinator-key": str(coordinator_public_key(work)), "owners-dir": str(Setup.owners_dir(work)),
+        "cache-dir": str(work / "owner-cache"),
+        "train-file": str(Path(config.train_file).resolve()), "partition": config.partition,
+        "seed": config.training.seed, "torch-threads": max(1, (os.cpu_count() or 2) // config.clients),
+    }
+
+
+def federate(config: SimulateConfig, prepared: Setup, variant: Variant, *, verbose: bool = False) -> dict[str, Any]:
+    """Serve the coordinator's gRPC service on a free localhost port and run Flower's simulation runtime."""
+    work = config.workdir
+    quiet_libraries(verbose)
+    start_ray(config.clients, verbose=verbose)
+    server = start_server(Setup.state_dir(work), 0, insecure=True, signing_key=prepared.coordinator_key)
+    try:
+        settings = FederationSettings(
+            state_dir=Setup.state_dir(work), job_id=variant.job_id, checkpoint_dir=variant.checkpoints(work),
+            num_rounds=config.rounds, min_replies=config.replies_needed, round_timeout=config.round_timeout,
+            node_wait=config.node_wait, training=config.training)
+        console.print(f"federating job {variant.job_id}: {config.clients} data owners x {config.rounds} rounds "
+                      f"on the {variant.name.replace('_', ' ')} emulator")
+        run_simulation(
+            server_app=make_server_app(settings.to_config()),
+            client_app=load_client_app(client_settings(config, variant, server.address)),
+            num_supernodes=config.clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": config.clients, "include_dashboard": False}},
+            verbose_logging=verbose,
+        )
+    finally:
+        server.stop()
+    return load_progress(variant.checkpoints(work))

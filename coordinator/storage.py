@@ -1,0 +1,37 @@
+"""The coordinator's state directory, opened as three parts side by side: the SQL store (owners, jobs, rounds,
+uploads), the content-addressed store of sealed blobs, and the X25519 delta-key ring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.blobs import BlobStore
+from coordinator.keyring import DeltaKeyring
+from coordinator.state import StateStore
+
+BLOBS_DIR = "blobs"
+
+
+@dataclass
+class Storage:
+    dir: Path
+    store: StateStore
+    blobs: BlobStore
+    keyring: DeltaKeyring
+    recovered: list[str] = field(default_factory=list)  # what ``recover`` removed
+
+    @classmethod
+    def open(cls, state_dir: Path, *, recover: bool = False) -> Storage:
+        """``recover=True`` (the server, at start) removes partial and unreferenced blobs; admin commands that may
+        run beside a live server leave them alone."""
+        state_dir = Path(state_dir)
+        store = StateStore(state_dir)
+        blobs = BlobStore(state_dir / BLOBS_DIR)
+        storage = cls(state_dir, store, blobs, DeltaKeyring(state_dir))
+        if recover:
+            storage.recovered = blobs.recover(store.referenced_blobs())
+        return storage
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,191 @@
+"""The typed documents on disk and on the wire: the bundle manifest and the job manifest.
+
+Both are read with ``from_json``, which names the field at fault (see :mod:`protos.documents`), and written with
+``to_json``; the signed bytes are always ``canonical_json`` of that JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protos.adapter_spec import AdapterSpec
+from protos.documents import Document, DocumentError
+
+BUNDLE_FORMAT_VERSION = 1
+BUNDLE_KIND = "offsite-bundle"
+JOB_MANIFEST_KIND = "offsite-job-manifest"
+TASKS = ("base", "causal-lm", "classification")
+LAYER_ROLES = ("bottom", "middle", "top")
+
+
+# -- the bundle manifest ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class BaseModelInfo(Document):
+    id: str  # a hub id, a path, or "embedded:<name>"
+    weights_sha256: str  # sha256 over every tensor's name, dtype, shape and bytes: the full model's identity
+    model_type: str
+    class_name: str = field(metadata={"json": "class"})  # the transformers class, e.g. BertForSequenceClassification
+    family: str
+    blocks_prefix: str
+    n_layers: int
+    num_parameters: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerMapEntry(Document):
+    emulator_index: int
+    full_index: int
+    role: str
+
+    def __post_init__(self) -> None:
+        if self.role not in LAYER_ROLES:
+            raise DocumentError("role", f"must be one of {', '.join(LAYER_ROLES)}, got {self.role!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusInfo(Document):
+    files: list[str]
+    sha256: str
+    documents: int
+    held_out: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillationInfo(Document):
+    settings: dict[str, Any]  # the emulator's DistillConfig, as its own JSON
+    corpus: CorpusInfo
+    source_bundle_sha256: str
+    best_step: int
+    held_out_loss: float
+    held_out: dict[str, float]
+    held_out_layer_drop: dict[str, float]
+    curve_file: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressionInfo(Document):
+    method: str
+    bottom: int
+    top: int
+    keep: int
+    kept_middle: list[int]
+    distillation: DistillationInfo | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterInfo(Document):
+    method: str
+    spec_file: str
+    spec_sha256: str
+    weights_file: str
+    num_parameters: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizationInfo(Document):
+    method: str
+    granularity: str
+    modules: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmulatorInfo(Document):
+    dir: str
+    num_parameters: int
+    quantization: QuantizationInfo | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerInfo(Document):
+    dir: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignerInfo(Document):
+    key_id: str
+    public_key: str  # base64 of the raw Ed25519 public key
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleManifest(Document):
+    """``manifest.json`` of a bundle. ``files``, ``signer`` and ``signature`` are filled in by signing."""
+
+    format_version: int = BUNDLE_FORMAT_VERSION
+    kind: str = BUNDLE_KIND
+    created_at: str
+    task: str
+    base_model: BaseModelInfo
+    layer_map: list[LayerMapEntry]
+    compression: CompressionInfo
+    adapter: AdapterInfo
+    tokenizer: TokenizerInfo
+    emulator: EmulatorInfo
+    labels: list[str] | None = None  # classification: the job's label list, fixed once for every owner
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    signer: SignerInfo | None = None
+    signature: str | None = None  # base64 Ed25519 over canonical JSON of the rest
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise DocumentError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "classification" and not self.labels:
+            raise DocumentError("labels", "a classification bundle needs its label list")
+
+    @property
+    def is_causal(self) -> bool:
+        return self.task == "causal-lm"
+
+    def layer_map_json(self) -> list[dict[str, int | str]]:
+        return [{"emulator_index": e.emulator_index, "full_index": e.full_index, "role": e.role}
+                for e in self.layer_map]
+
+    def unsigned_json(self) -> dict[str, Any]:
+        """What the signature covers: everything but the signature."""
+        data = self.to_json()
+        data.pop("signature", None)
+        return data
+
+
+# -- the job manifest -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class BundleRef(Document):
+    digest: str  # the bundle's identity: sha256 of its canonical signed manifest
+    tar_sha256: str
+    size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyRef(Document):
+    key_id: str
+    public_key: str  # base64 of the raw public key
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits(Document):
+    max_upload_bytes: int
+    max_plaintext_bytes: int
+    chunk_size: int
+    max_delta_norm_ratio: str  # decimal string: signed data carries no floats
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobManifest(Document):
+    """What ``GetJob`` returns, signed by the coordinator: a data owner's one source of truth about a job."""
+
+    kind: str = JOB_MANIFEST_KIND
+    job_id: str
+    round: int  # the latest round (0 before the first is opened)
+    round_state: str
+    bundle: BundleRef
+    adapter_spec: AdapterSpec
+    coordinator: KeyRef
+    delta_key: KeyRef
+    limits: Limits
+    issued_at: str
+
+    def __post_init__(self) -> None:
+        if self.kind != JOB_MANIFEST_KIND:
+            raise DocumentError("kind", f"expected {JOB_MANIFEST_KIND!r}, got {self.kind!r}")
