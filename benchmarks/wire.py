@@ -7,6 +7,7 @@ lower of the sealing and unsealing ratios) and ``download_vs_copy=<ratio>``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -95,30 +96,29 @@ def big_bundle(workdir: Path, key: Ed25519PrivateKey, size: int) -> Path:
     from emulator.loading import embedded_model_path
     from emulator.split import SplitConfig
     from protos.bundle import MANIFEST, sign_bundle
+    from protos.manifests import BundleManifest
 
     out = workdir / "bundle"
     full = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=128, n_positions=64,
                                       bos_token_id=1, eos_token_id=2))
     build_bundle(full, str(embedded_model_path()), "bench", SplitConfig(1, 1, 1), out, key)
-    import json
-
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = BundleManifest.from_json(json.loads((out / MANIFEST).read_text()))
     (out / "emulator" / "padding.bin").write_bytes(os.urandom(size))
-    fields = {k: v for k, v in manifest.items() if k not in ("files", "signature", "signer", "format_version")}
-    sign_bundle(out, fields, key)
+    sign_bundle(out, manifest, key)  # re-signed: the manifest now lists the padding too
     return out
 
 
 def download_bench(size: int, workdir: Path) -> tuple[int, float, float]:
     from client.transport import CoordinatorClient
+    from coordinator.jobs import bundle_tar, create_job
     from coordinator.server import start_server
 
     key = Ed25519PrivateKey.generate()
     bundle = big_bundle(workdir, key, size)
     server = start_server(workdir / "state", signing_key=key, insecure=True)
     try:
-        server.store.create_job("bench", bundle, key.public_key())
-        tar = server.store.bundle_tar("bench")
+        create_job(server.storage, "bench", bundle, key.public_key())
+        tar = bundle_tar(server.storage, "bench")
         copy_time = best_of(3, lambda: shutil.copyfile(tar, workdir / "copy.tar"))
         with CoordinatorClient(server.address, coordinator_key=key.public_key(), insecure=True) as client:
             job = client.get_job("bench")

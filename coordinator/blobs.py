@@ -6,7 +6,6 @@ start) or an unreferenced blob (collected at start, since only a committed uploa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -63,10 +62,3 @@ class BlobStore:
     def visible(self) -> list[str]:
         return sorted(p.name for p in self.objects.iterdir())
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()

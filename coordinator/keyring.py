@@ -6,29 +6,20 @@ advertise. Older keys stay, so deltas sealed before a rotation still open.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from coordinator.errors import CoordinatorError
 from protos.delta_keys import x25519_key_id, x25519_private_bytes
+from protos.files import atomic_write
 
 KEYS_DIR = "delta_keys"
 CURRENT = "CURRENT"
 
 
-class UnknownDeltaKeyError(KeyError):
+class UnknownDeltaKeyError(CoordinatorError):
     """A sealed delta names a recipient key this coordinator does not hold."""
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
 
 
 class DeltaKeyring:
@@ -42,8 +33,8 @@ class DeltaKeyring:
         """Create a new key pair and make it current; return its key id."""
         key = X25519PrivateKey.generate()
         kid = x25519_key_id(key.public_key())
-        _atomic_write(self.dir / f"{kid}.key", x25519_private_bytes(key), 0o600)
-        _atomic_write(self.dir / CURRENT, kid.encode("ascii"), 0o644)
+        atomic_write(self.dir / f"{kid}.key", x25519_private_bytes(key), mode=0o600)
+        atomic_write(self.dir / CURRENT, kid.encode("ascii"))
         return kid
 
     @property

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protos import crypto
+from protos.files import offsite_home
 
 SIGNING_KEY_FILE = "coordinator.key"
 PUBLIC_KEY_FILE = "coordinator.pub"
-
-
-def offsite_home() -> Path:
-    return Path(os.environ.get("OFFSITE_HOME", Path.home() / ".offsite")).expanduser()
 
 
 def default_coordinator_dir() -> Path:

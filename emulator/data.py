@@ -69,48 +69,52 @@ def _lines(path: Path, max_line_bytes: int) -> list[tuple[int, str]]:
     return lines
 
 
+def _rows(path: Path, max_line_bytes: int) -> list[tuple[int, dict[str, object]]]:
+    """Every record of a ``.csv`` (after its header) or ``.jsonl`` file, with its line number."""
+    lines = _lines(path, max_line_bytes)
+    rows: list[tuple[int, dict[str, object]]] = []
+    if path.suffix == ".csv":
+        numbered = [(n, text) for n, text in lines if text.strip()]
+        reader = csv.DictReader(io.StringIO("\n".join(text for _, text in numbered)), strict=True)
+        records = iter(reader)
+        for line_no, _ in numbered[1:]:
+            try:
+                row = next(records)
+            except StopIteration:  # a quoted field spanned lines: fewer records than lines
+                break
+            except csv.Error as error:
+                raise DataError(path, f"not valid CSV: {error}", line_no) from error
+            rows.append((line_no, dict(row)))
+        return rows
+    for line_no, text in lines:
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(path, f"not valid JSON: {error.msg}", line_no) from error
+        if not isinstance(record, dict):
+            raise DataError(path, "each line must be a JSON object", line_no)
+        rows.append((line_no, record))
+    return rows
+
+
 def load_examples(path: Path | str, task: str, labels: list[str] | None = None,
                   max_line_bytes: int = MAX_LINE_BYTES) -> list[Example]:
     """Read a ``.jsonl`` or ``.csv`` file of ``task`` examples."""
     path = Path(path)
     if task not in TASK_NAMES:
         raise DataError(path, f"task must be one of {', '.join(TASK_NAMES)}, got {task!r}")
-    lines = _lines(path, max_line_bytes)
-    examples: list[Example] = []
-    if path.suffix == ".csv":
-        numbered = [(n, text) for n, text in lines if text.strip()]
-        reader = csv.DictReader(io.StringIO("\n".join(text for _, text in numbered)))
-        for (line_no, _), row in zip(numbered[1:], reader, strict=False):
-            examples.append(_record(path, line_no, dict(row), task, labels))
-    else:
-        for line_no, text in lines:
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(path, f"not valid JSON: {error.msg}", line_no) from error
-            if not isinstance(record, dict):
-                raise DataError(path, "each line must be a JSON object", line_no)
-            examples.append(_record(path, line_no, record, task, labels))
+    examples = [_record(path, line_no, row, task, labels) for line_no, row in _rows(path, max_line_bytes)]
     if not examples:
         raise DataError(path, "the file has no examples")
     return examples
 
 
-def labels_of(path: Path | str) -> list[str]:
+def labels_of(path: Path | str, max_line_bytes: int = MAX_LINE_BYTES) -> list[str]:
     """The sorted label set of a classification file (the job fixes it once, for every owner)."""
     path = Path(path)
-    if path.suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8"))))
-        found = {str(row.get("label")) for row in rows if row.get("label") is not None}
-    else:
-        found = set()
-        for _, text in _lines(path, MAX_LINE_BYTES):
-            if text.strip():
-                record = json.loads(text)
-                if isinstance(record, dict) and "label" in record:
-                    found.add(str(record["label"]))
+    found = {str(row["label"]) for _, row in _rows(path, max_line_bytes) if row.get("label") is not None}
     if not found:
         raise DataError(path, "no labels found")
     return sorted(found)

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from emulator.corpus import prepare_tokenizer
 from emulator.data import Example
 from emulator.errors import EmulatorConfigError
 from protos.round_config import RoundConfig
@@ -51,16 +52,10 @@ class TrainConfig:
                    seed=config.seed if seed is None else seed)
 
 
-def ensure_padding(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
-
-
 def collate(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, task: str,
             max_length: int) -> dict[str, torch.Tensor]:
     """Tokenize and pad one batch. Causal LM labels are the inputs, with prompt and padding masked out."""
-    ensure_padding(tokenizer)
+    prepare_tokenizer(tokenizer)
     if task == "classification":
         batch = tokenizer([e.text for e in examples], truncation=True, max_length=max_length, padding=True,
                           return_tensors="pt")

@@ -63,3 +63,14 @@ def test_csv_errors_name_the_line(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such file"):
         load_examples(tmp_path / "nope.jsonl", "causal-lm")
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.csv"])
+def test_the_label_scan_names_the_file_and_line(tmp_path: Path, name: str) -> None:
+    content = (b'{"text": "a cat", "label": "animal"}\n{"text": "oak" "label": "plant"}\n' if name.endswith("jsonl")
+               else b'text,label\n"a cat,animal\noak,plant\n')
+    path = write(tmp_path / name, content)
+    with pytest.raises(DataError, match=rf"{name}:2: not valid"):
+        labels_of(path)
+    with pytest.raises(DataError, match=rf"{name}:2: not valid"):
+        load_examples(path, "classification", LABELS)
