@@ -27,6 +27,7 @@ from emulator.split import SplitConfig
 from emulator.surgery import adapter_spec, build_emulator, count_parameters, extract_adapter
 from protos.adapter_spec import AdapterSpec
 from protos.bundle import ADAPTER_SPEC_FILE, ADAPTER_WEIGHTS_FILE, EMULATOR_DIR, TOKENIZER_DIR, sign_bundle
+from protos.errors import OutputExistsError
 from protos.files import utc_timestamp
 from protos.manifests import (
     AdapterInfo,
@@ -101,7 +102,7 @@ def write_bundle(out: Path, key: Ed25519PrivateKey, manifest: BundleManifest, em
     """The one bundle writer: emulator, tokenizer, adapter and ``extra_files``, then ``manifest`` (its ``emulator``
     entry filled in here) signed. ``out`` appears only once it is complete; returns the signed manifest."""
     if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+        raise OutputExistsError(out)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -137,7 +138,7 @@ def build_bundle(
 ) -> BuildSummary:
     """Write a signed bundle for ``full`` at ``out``; the directory appears only once it is complete."""
     if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+        raise OutputExistsError(out)
     emulator = build_emulator(full, split)
     spec = adapter_spec(full, emulator.location, emulator.plan, extra_tensors=extra_adapter_tensors)
     quantization = quantize_emulator(emulator, quantize)

@@ -22,6 +22,7 @@ from emulator.loading import load_tokenizer
 from emulator.quantize import quantize
 from emulator.surgery import extract_adapter
 from protos.bundle import VerifiedBundle
+from protos.errors import OutputExistsError
 from protos.files import utc_timestamp
 from protos.manifests import CorpusInfo, DistillationInfo
 
@@ -37,7 +38,7 @@ def distill_bundle(bundle: Path | VerifiedBundle, full: PreTrainedModel | None, 
     removed once the bundle is written. Returns early, writing nothing, when ``stop_after`` ends the run."""
     # -- setup
     if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+        raise OutputExistsError(out)
     verified = open_bundle(bundle, key.public_key())
     if verified.manifest.emulator.quantization is not None:
         raise InvalidSettingError("{bundle}: its emulator is quantized; distil a plain bundle "

@@ -7,6 +7,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protos import crypto
+from protos.errors import OutputExistsError
 from protos.files import offsite_home
 
 SIGNING_KEY_FILE = "coordinator.key"
@@ -23,7 +24,7 @@ def init_keys(directory: Path, *, force: bool = False) -> tuple[Path, Path]:
     if not force:
         for path in (key_path, pub_path):
             if path.exists():
-                raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+                raise OutputExistsError(path)
     key = crypto.generate_signing_key()
     crypto.write_private_key(key, key_path, force=force)
     crypto.write_public_key(key.public_key(), pub_path, force=force)

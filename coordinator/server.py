@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError, Message
 
 from coordinator import errors, handlers
+from coordinator.errors import InvalidSettingError
 from coordinator.keyring import UnknownDeltaKeyError
 from coordinator.paths import load_or_create_signing_key
 from coordinator.state import StateStore
@@ -182,6 +183,6 @@ def start_server(state_dir: Path, port: int = 0, *, host: str = "127.0.0.1", tls
         bound = server.add_insecure_port(f"{host}:{port}")
     else:
         storage.close()
-        raise ValueError("give --tls-cert and --tls-key, or --insecure (plain text, meant for localhost)")
+        raise InvalidSettingError("give {tls_cert} and {tls_key}, or {insecure} (plain text, meant for localhost)")
     server.start()
     return RunningServer(server, bound, storage, state)

@@ -29,7 +29,7 @@ def default_corpus() -> Path:
     package data of :mod:`emulator` (never read through the repository tree)."""
     path = Path(str(files("emulator") / "corpora" / DEFAULT_CORPUS_NAME))
     if not path.is_file():
-        raise CorpusError(f"the default corpus {path} is missing; pass --corpus")
+        raise CorpusError(f"the default corpus {path} is missing (a broken install?); name a corpus file instead")
     return path
 
 

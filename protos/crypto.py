@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protos.errors import ProtocolError
+from protos.errors import OutputExistsError, ProtocolError
 from protos.files import atomic_write
 
 HASH_CHUNK = 1 << 20
@@ -86,7 +86,7 @@ def generate_signing_key() -> Ed25519PrivateKey:
 def write_private_key(key: Ed25519PrivateKey, path: Path, *, force: bool = False) -> None:
     """Write a PKCS#8 PEM private key with mode 0600, atomically; never overwrite unless ``force``."""
     if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+        raise OutputExistsError(path)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -95,7 +95,7 @@ def write_private_key(key: Ed25519PrivateKey, path: Path, *, force: bool = False
 
 def write_public_key(key: Ed25519PublicKey, path: Path, *, force: bool = False) -> None:
     if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+        raise OutputExistsError(path)
     pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     atomic_write(path, pem)
 

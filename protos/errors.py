@@ -71,3 +71,10 @@ def describe(error: BaseException, flags: Mapping[str, str] | None = None) -> tu
     if isinstance(error, FieldError):
         return error.render(lambda field: cli_flag(field, flags)), exit_code_for(error)
     return str(error), exit_code_for(error)
+
+
+class OutputExistsError(FieldError, FileExistsError):
+    """An output already exists and the caller did not ask to replace it (the ``force`` setting)."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"{path} already exists; set {{force}} to replace it")

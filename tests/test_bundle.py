@@ -166,7 +166,7 @@ def test_a_tar_with_a_link_or_escape_is_refused(tmp_path: Path, coordinator_key:
 
 
 def test_building_over_an_existing_bundle_needs_force(built: Path, coordinator_key: Ed25519PrivateKey) -> None:
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match="set force to replace it"):
         build_bundle(tiny_model("gpt2"), str(embedded_model_path()), "x", SplitConfig(1, 1, 2), built,
                      coordinator_key)
 

@@ -107,6 +107,8 @@ def test_the_flower_app_config_holds_the_round_config_defaults() -> None:
     assert {k: declared[k] for k in defaults} == defaults
     settings = FederationSettings.from_config({**declared, "state-dir": "s", "checkpoint-dir": "c"})
     assert settings.training == RoundConfig() and settings.to_config()["job-id"] == declared["job-id"]
+    plain = FederationSettings(Path("s"), str(declared["job-id"]), Path("c"))  # the dataclass's own defaults
+    assert settings == plain
     assert FederationSettings.from_config(settings.to_config()) == settings
 
 

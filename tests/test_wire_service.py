@@ -231,7 +231,7 @@ def test_tls_and_mutual_tls(tmp_path: Path, bundle_dir: tuple[Path, Ed25519Priva
     server_cert = _cert("localhost", server_key, (ca.subject, ca_key), False)
     client_cert = _cert("alice", client_key, (ca.subject, ca_key), False)
     bundle, key = bundle_dir
-    with pytest.raises(ValueError, match="--insecure"):
+    with pytest.raises(ValueError, match="insecure"):
         start_server(tmp_path / "plain", signing_key=key)
     server = start_server(tmp_path / "state", signing_key=key, tls_cert=_pem(server_cert), tls_key=_pem(server_key),
                           client_ca=_pem(ca))

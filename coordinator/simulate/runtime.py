@@ -32,8 +32,8 @@ console = Console()
 # ``[tool.flwr.app.components]``; the coordinator never imports the client package.
 CLIENT_APP_FACTORY = "client.flower_app:make_client_app"
 # Environment for Ray's workers (the data owners) when not verbose: no library chatter, progress bars stay.
-QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
-             "RAY_DEDUP_LOGS": "1"}
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning", "RAY_DEDUP_LOGS": "1"}
 
 
 class SimulationRuntimeError(CoordinatorError):
@@ -41,17 +41,18 @@ class SimulationRuntimeError(CoordinatorError):
 
 
 def quiet_libraries(verbose: bool) -> None:
-    """Unless ``verbose``: hide transformers' load reports, Flower's and Ray's warnings and INFO logs."""
+    """Unless ``verbose``: hide transformers' load reports and weight-loading bars, Flower's and Ray's warnings and
+    INFO logs."""
     if verbose:
         return
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # weight loading and saving; training bars stay
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("flwr", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.update(QUIET_ENV)
 
 
 def load_client_app(settings: dict[str, Any]) -> ClientApp:
