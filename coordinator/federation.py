@@ -8,7 +8,6 @@ is aggregated exactly once, from its stored uploads, before its checkpoint is wr
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -19,18 +18,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from coordinator.errors import CoordinatorError, InvalidSettingError, NotFoundError
 from coordinator.intake import open_accepted_upload
+from coordinator.progress import Progress, RoundRecord, checkpoint_path, save_checkpoint
 from coordinator.state import StateStore
 from coordinator.storage import Storage
 from emulator.aggregate import WeightedDelta, fedavg
-from protos.files import atomic_write
 from protos.round_config import RoundConfig
 
 console = Console(stderr=True)
-PROGRESS_FILE = "progress.json"
 
 
 class FederationError(CoordinatorError):
@@ -84,24 +82,6 @@ class FederationSettings:
                 **{k: v for k, v in self.training.to_config().items() if k != "server-round"}}
 
 
-def checkpoint_path(directory: Path, round_number: int) -> Path:
-    return directory / f"round-{round_number:04d}.safetensors"
-
-
-def load_progress(directory: Path) -> dict[str, Any]:
-    path = directory / PROGRESS_FILE
-    return json.loads(path.read_text()) if path.exists() else {"completed_round": 0, "rounds": []}
-
-
-def save_checkpoint(directory: Path, round_number: int, adapter: Mapping[str, torch.Tensor],
-                    progress: dict[str, Any]) -> None:
-    """The round's global adapter first, then the progress file that points at it: a crash between the two
-    leaves the previous progress, and the round is aggregated again from the same stored uploads."""
-    atomic_write(checkpoint_path(directory, round_number),
-                 lambda p: save_file({k: v.contiguous() for k, v in adapter.items()}, str(p)))
-    atomic_write(directory / PROGRESS_FILE, json.dumps(progress, indent=2))
-
-
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -137,7 +117,7 @@ def round_state(store: StateStore, job_id: str, round_number: int) -> str | None
 
 
 def run_rounds(grid: Grid, settings: FederationSettings,
-               on_round: Callable[[int, dict[str, torch.Tensor]], dict[str, float]] | None = None) -> dict[str, Any]:
+               on_round: Callable[[int, dict[str, torch.Tensor]], dict[str, float]] | None = None) -> Progress:
     """Run (or resume) the job's rounds; returns the progress record (one entry per round)."""
     storage = Storage.open(settings.state_dir)
     try:
@@ -147,18 +127,18 @@ def run_rounds(grid: Grid, settings: FederationSettings,
 
 
 def _run_rounds(grid: Grid, settings: FederationSettings, storage: Storage,
-                on_round: Callable[[int, dict[str, torch.Tensor]], dict[str, float]] | None) -> dict[str, Any]:
+                on_round: Callable[[int, dict[str, torch.Tensor]], dict[str, float]] | None) -> Progress:
     store = storage.store
     directory = settings.checkpoint_dir
-    progress = load_progress(directory)
-    start = int(progress["completed_round"])
+    progress = Progress.load(directory)
+    start = progress.completed_round
     adapter = load_file(str(checkpoint_path(directory, start)))
     if start:
         console.print(f"resuming job {settings.job_id} after round {start}")
         if round_state(store, settings.job_id, start) == "CLOSED":  # checkpointed, not yet marked: a crash
             store.mark_aggregated(settings.job_id, start)
     for round_number in range(start + 1, settings.num_rounds + 1):
-        record: dict[str, Any] = {"round": round_number}
+        record = RoundRecord(round=round_number)
         if round_state(store, settings.job_id, round_number) is None:
             store.open_round(settings.job_id, round_number)
         if round_state(store, settings.job_id, round_number) == "OPEN":
@@ -166,29 +146,28 @@ def _run_rounds(grid: Grid, settings: FederationSettings, storage: Storage,
             console.print(f"round {round_number}: training on {len(nodes)} data owners")
             messages = train_messages(grid, nodes, adapter, settings.training, round_number)
             replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-            record["replies"] = sum(not reply.has_error() for reply in replies)
-            record["errors"] = [reply.error.reason for reply in replies if reply.has_error()]
-            record["owner_metrics"] = [dict(reply.content["metrics"]) for reply in replies if not reply.has_error()]
+            record.replies = sum(not reply.has_error() for reply in replies)
+            record.errors = [str(reply.error.reason) for reply in replies if reply.has_error()]
+            record.owner_metrics = [{k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
+                                    for reply in replies if not reply.has_error()]
             store.close_round(settings.job_id, round_number)
         uploads = store.accepted_uploads(settings.job_id, round_number)
         if len(uploads) < settings.min_replies:
             reason = f"{len(uploads)} accepted deltas, fewer than the minimum {settings.min_replies}"
             if round_state(store, settings.job_id, round_number) != "ABORTED":
                 store.abort_round(settings.job_id, round_number, reason)
-            record.update(state="ABORTED", reason=reason)
+            record.state, record.reason = "ABORTED", reason
             console.print(f"[yellow]round {round_number} aborted:[/] {reason}")
-            progress["rounds"].append(record)
-            progress["completed_round"] = round_number
+            progress.record(record)
             save_checkpoint(directory, round_number, adapter, progress)
             if settings.on_abort == "stop":
                 raise FederationError(f"round {round_number} aborted: {reason}")
             continue
         adapter, count = aggregate_round(storage, settings.job_id, round_number, adapter)
-        record.update(state="AGGREGATED", deltas=count)
+        record.state, record.deltas = "AGGREGATED", count
         if on_round is not None:
-            record["eval"] = on_round(round_number, adapter)
-        progress["rounds"].append(record)
-        progress["completed_round"] = round_number
+            record.eval = on_round(round_number, adapter)
+        progress.record(record)
         save_checkpoint(directory, round_number, adapter, progress)
         store.mark_aggregated(settings.job_id, round_number)
         console.print(f"round {round_number}: aggregated {count} sealed deltas")

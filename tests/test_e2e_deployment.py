@@ -3,7 +3,6 @@ coordinator's gRPC service, and `flwr run` of this app for two rounds. Deltas tr
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 
 from coordinator.blobs import BlobStore
 from coordinator.demo_data import demo_dataset
-from coordinator.federation import checkpoint_path
+from coordinator.progress import Progress, checkpoint_path
 from coordinator.server import start_server
 from coordinator.simulate import SimulateConfig, setup
 from coordinator.state import StateStore
@@ -115,10 +114,10 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
     finally:
         server.stop()
 
-    progress = json.loads((checkpoints / "progress.json").read_text())
+    progress = Progress.load(checkpoints)
     diagnostics = output[-3000:] + "".join(p.read_text(errors="replace")[-1500:] for p in logs.iterdir())
-    assert progress["completed_round"] == 2, diagnostics
-    assert [r["state"] for r in progress["rounds"]] == ["AGGREGATED", "AGGREGATED"], diagnostics
+    assert progress.completed_round == 2, diagnostics
+    assert [r.state for r in progress.rounds] == ["AGGREGATED", "AGGREGATED"], diagnostics
 
     store = StateStore(work / "state")
     for round_number in (1, 2):

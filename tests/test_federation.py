@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from client.transport import CoordinatorClient
 from coordinator.demo_data import demo_dataset
-from coordinator.federation import checkpoint_path, load_progress
+from coordinator.progress import Progress, checkpoint_path
 from coordinator.server import start_server
 from coordinator.simulate import SimulateConfig, setup, simulate
 from coordinator.state import StateStore
@@ -55,7 +55,7 @@ def test_rounds_report_and_resume_without_double_counting(base_config: SimulateC
 
     variant = setup(config).variants[0]
     checkpoints = variant.checkpoints(config.workdir)
-    assert [r["state"] for r in load_progress(checkpoints)["rounds"]] == ["AGGREGATED", "AGGREGATED"]
+    assert [r.state for r in Progress.load(checkpoints).rounds] == ["AGGREGATED", "AGGREGATED"]
     assert uploads_per_round(config.workdir, variant.job_id, 2) == [2, 2]
     round_two = checkpoint_path(checkpoints, 2).read_bytes()
     initial, final = load_file(str(checkpoint_path(checkpoints, 0))), load_file(str(checkpoint_path(checkpoints, 2)))
@@ -64,8 +64,8 @@ def test_rounds_report_and_resume_without_double_counting(base_config: SimulateC
     # Run again for 3 rounds: rounds 1-2 are not redone, round 3 is added, nothing is counted twice.
     more = replace(config, rounds=3)
     simulate(more, tmp_path / "report3.json")
-    progress = load_progress(checkpoints)
-    assert [r["round"] for r in progress["rounds"]] == [1, 2, 3]
+    progress = Progress.load(checkpoints)
+    assert [r.round for r in progress.rounds] == [1, 2, 3]
     assert checkpoint_path(checkpoints, 2).read_bytes() == round_two
     assert uploads_per_round(config.workdir, variant.job_id, 3) == [2, 2, 2]
 
@@ -99,7 +99,7 @@ def test_restart_between_close_and_aggregation(base_config: SimulateConfig, tmp_
     store.close()
 
     simulate(replace(config, rounds=2), tmp_path / "r2.json")
-    record = load_progress(checkpoints)["rounds"][-1]
+    record = Progress.load(checkpoints).rounds[-1].to_json()
     assert record == {"round": 2, "state": "AGGREGATED", "deltas": 1}  # no "replies": nothing was sent
     final = load_file(str(checkpoint_path(checkpoints, 2)))
     for name in after_one:

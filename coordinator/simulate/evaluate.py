@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 from coordinator.bundles import base_model_id
-from coordinator.federation import checkpoint_path, load_progress
 from coordinator.plugin_report import (
     EvalInputs,
     PluginReport,
@@ -17,6 +16,7 @@ from coordinator.plugin_report import (
     full_finetune_score,
     plugin_score,
 )
+from coordinator.progress import Progress, checkpoint_path
 from coordinator.simulate.config import SimulateConfig
 from coordinator.simulate.setup import Setup, Variant
 from emulator.data import load_examples
@@ -29,7 +29,7 @@ from emulator.train import TrainConfig
 def _adapters(work: Path, variant: Variant) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
     """The variant's initial and final global adapters, and the final round's number."""
     checkpoints = variant.checkpoints(work)
-    final_round = int(load_progress(checkpoints)["completed_round"])
+    final_round = Progress.load(checkpoints).completed_round
     return (load_file(str(checkpoint_path(checkpoints, 0))), load_file(str(checkpoint_path(checkpoints, final_round))),
             final_round)
 
@@ -70,8 +70,8 @@ def evaluate_run(config: SimulateConfig, prepared: Setup, report_path: Path) -> 
     report = build_report(inputs, initial, tuned, full_ft=full_ft, extra_rows=extra)
     report.notes.update({
         "emulator": primary.name, "rounds_completed": final_round,
-        "rounds": [{k: v for k, v in r.items() if k != "owner_metrics"}
-                   for r in load_progress(primary.checkpoints(work))["rounds"]],
+        "rounds": [{k: v for k, v in r.to_json().items() if k != "owner_metrics"}
+                   for r in Progress.load(primary.checkpoints(work)).rounds],
         "method": config.training.method, "clients": config.clients, "model": base_model_id(config.model),
         "split": f"{config.bottom}-{config.keep}-{config.top}", "task": config.task,
     })

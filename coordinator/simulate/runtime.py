@@ -21,8 +21,9 @@ from flwr.simulation import run_simulation
 from rich.console import Console
 
 from coordinator.errors import CoordinatorError
-from coordinator.federation import FederationSettings, load_progress
+from coordinator.federation import FederationSettings
 from coordinator.flower_app import make_server_app
+from coordinator.progress import Progress
 from coordinator.server import start_server
 from coordinator.simulate.config import SimulateConfig
 from coordinator.simulate.setup import Setup, Variant, coordinator_public_key
@@ -97,7 +98,7 @@ def client_settings(config: SimulateConfig, variant: Variant, address: str) -> d
     }
 
 
-def federate(config: SimulateConfig, prepared: Setup, variant: Variant, *, verbose: bool = False) -> dict[str, Any]:
+def federate(config: SimulateConfig, prepared: Setup, variant: Variant, *, verbose: bool = False) -> Progress:
     """Serve the coordinator's gRPC service on a free localhost port and run Flower's simulation runtime."""
     work = config.workdir
     quiet_libraries(verbose)
@@ -120,4 +121,4 @@ def federate(config: SimulateConfig, prepared: Setup, variant: Variant, *, verbo
         )
     finally:
         server.stop()
-    return load_progress(variant.checkpoints(work))
+    return Progress.load(variant.checkpoints(work))

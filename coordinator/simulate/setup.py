@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from coordinator.bundles import base_model_id, build_bundle
 from coordinator.distill import distill_bundle
-from coordinator.federation import PROGRESS_FILE, checkpoint_path
 from coordinator.jobs import create_job
 from coordinator.paths import PUBLIC_KEY_FILE, SIGNING_KEY_FILE, init_keys
+from coordinator.progress import PROGRESS_FILE, checkpoint_path
 from coordinator.simulate.config import SimulateConfig
 from coordinator.storage import Storage
 from emulator.data import labels_of
