@@ -54,6 +54,7 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
     with CoordinatorClient(
         settings.coordinator,
         coordinator_key=coordinator_key,
+        owner_key=owner_key,
         root_certificates=settings.root_cert.read_bytes() if settings.root_cert else None,
         insecure=settings.insecure,
     ) as client:

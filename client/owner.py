@@ -65,7 +65,7 @@ def train_round(bundle: VerifiedBundle, global_adapter: Mapping[str, torch.Tenso
                 show_progress: bool = True) -> tuple[RoundResult, AdapterSpec]:
     """Train the adapter on the emulator from the global adapter; return the delta and validation metrics."""
     task = bundle.manifest.task
-    tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_dir, trust_remote_code=False)
     emulator = load_emulator(bundle)  # plain or int8, with the head class the manifest names
     spec = method_spec(bundle.adapter_spec, emulator, method)
     torch.manual_seed(config.seed)

@@ -43,3 +43,17 @@ class MalformedRequestError(CoordinatorError):
 
 class OutOfRangeError(CoordinatorError):
     pass
+
+
+class TooManyExamplesError(CoordinatorError):
+    """An upload claims more training examples (its weight in FedAvg) than the owner's cap in the job."""
+
+
+class AuthenticationError(CoordinatorError):
+    """A request could not be authenticated. The message is for the server's log only: callers get a generic
+    answer, so a stranger learns neither which owners or jobs exist nor which key was expected."""
+
+
+class NotEnrolledError(CoordinatorError):
+    """An authenticated owner asked about a job it is not enrolled in (or that does not exist: the answer is the
+    same, so owners cannot probe for jobs)."""

@@ -1,13 +1,16 @@
-"""The coordinator's rounds: open, send train messages, close, unseal + validate, FedAvg, checkpoint, resume.
+"""The coordinator's rounds: open, send train messages, close, unseal + validate, aggregate, checkpoint, resume.
 
 Aggregation reads the deltas that the coordinator's own gRPC service accepted and stored (sealed), never the
 Flower replies: a reply only says which upload belongs to it. A restarted coordinator resumes after the last
 round it checkpointed and never counts a delta twice: each (job, round, owner) slot holds one upload, and a round
-is aggregated exactly once, from its stored uploads, before its checkpoint is written.
+is aggregated exactly once, from its stored uploads, before its checkpoint is written. Only owners still approved
+when the round is aggregated count; each delta is clipped to the job's ``clip_norm`` and combined with the job's
+aggregator (``emulator.aggregate``). A malformed reply is recorded as an error and never stops the round.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from safetensors.torch import load_file
@@ -23,9 +26,9 @@ from safetensors.torch import load_file
 from coordinator.errors import CoordinatorError, InvalidSettingError, NotFoundError
 from coordinator.intake import open_accepted_upload
 from coordinator.progress import Progress, RoundRecord, checkpoint_path, save_checkpoint
-from coordinator.state import StateStore
+from coordinator.state import StateStore, UploadRecord
 from coordinator.storage import Storage
-from emulator.aggregate import WeightedDelta, fedavg
+from emulator.aggregate import AggregatorConfig, WeightedDelta, aggregate
 from protos.round_config import RoundConfig
 
 console = Console(stderr=True)
@@ -102,11 +105,40 @@ def train_messages(grid: Grid, nodes: list[int], adapter: Mapping[str, torch.Ten
     ]
 
 
+REPLY_RECORDS = frozenset({"receipt", "metrics"})  # what a ClientApp's train reply holds
+
+
+def reply_metrics(reply: Message) -> dict[str, float]:
+    """A train reply's ``metrics`` record as finite floats; ValueError for any other shape of reply."""
+    content = reply.content
+    unexpected = sorted(set(content.keys()) - REPLY_RECORDS)
+    if unexpected:
+        raise ValueError(f"unexpected records {', '.join(map(repr, unexpected))}")
+    metrics = content.get("metrics")
+    if not isinstance(metrics, MetricRecord):
+        raise ValueError("no 'metrics' record")
+    values: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"metric {key!r} is not a finite number")
+        values[str(key)] = float(value)
+    return values
+
+
+def aggregatable_uploads(store: StateStore, job_id: str, round_number: int) -> list[UploadRecord]:
+    """The round's accepted uploads whose owner is still approved now (revoked owners' deltas are skipped)."""
+    return [u for u in store.accepted_uploads(job_id, round_number) if store.owner(u.owner_id).status == "approved"]
+
+
 def aggregate_round(storage: Storage, job_id: str, round_number: int,
                     global_adapter: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    uploads = storage.store.accepted_uploads(job_id, round_number)
+    """The round's deltas from approved owners, each clipped to the job's ``clip_norm``, combined by the job's
+    aggregator; returns the new global adapter and how many deltas it holds."""
+    job = storage.store.job(job_id)
+    uploads = aggregatable_uploads(storage.store, job_id, round_number)
     deltas = [WeightedDelta(u.owner_id, u.num_examples, open_accepted_upload(storage, u)) for u in uploads]
-    return fedavg(global_adapter, deltas), len(deltas)
+    config = AggregatorConfig(job.aggregator, clip_norm=job.clip_norm)
+    return aggregate(global_adapter, deltas, config), len(deltas)
 
 
 def round_state(store: StateStore, job_id: str, round_number: int) -> str | None:
@@ -124,6 +156,27 @@ def run_rounds(grid: Grid, settings: FederationSettings,
         return _run_rounds(grid, settings, storage, on_round)
     finally:
         storage.close()
+
+
+def _collect_replies(grid: Grid, messages: list[Message], timeout: float, record: RoundRecord) -> None:
+    """Send the round's messages and record the replies; nothing a reply holds (or lacks) raises: a failed or
+    malformed reply becomes an entry in ``record.errors``. Aggregation reads the stored uploads, never replies."""
+    record.replies, record.errors, record.owner_metrics = 0, [], []
+    try:
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+    except Exception as error:  # noqa: BLE001 - the round is closed (and aborted if short) either way
+        record.errors.append(f"sending the round failed: {type(error).__name__}: {error}")
+        return
+    for reply in replies:
+        try:
+            if reply.has_error():
+                record.errors.append(str(reply.error.reason))
+                continue
+            record.owner_metrics.append(reply_metrics(reply))
+            record.replies += 1
+        except Exception as error:  # noqa: BLE001 - an owner's reply is untrusted input
+            source = getattr(getattr(reply, "metadata", None), "src_node_id", "?")
+            record.errors.append(f"malformed reply from node {source}: {error}")
 
 
 def _run_rounds(grid: Grid, settings: FederationSettings, storage: Storage,
@@ -145,13 +198,9 @@ def _run_rounds(grid: Grid, settings: FederationSettings, storage: Storage,
             nodes = wait_for_nodes(grid, settings.min_replies, settings.node_wait)
             console.print(f"round {round_number}: training on {len(nodes)} data owners")
             messages = train_messages(grid, nodes, adapter, settings.training, round_number)
-            replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-            record.replies = sum(not reply.has_error() for reply in replies)
-            record.errors = [str(reply.error.reason) for reply in replies if reply.has_error()]
-            record.owner_metrics = [{k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
-                                    for reply in replies if not reply.has_error()]
+            _collect_replies(grid, messages, settings.round_timeout, record)
             store.close_round(settings.job_id, round_number)
-        uploads = store.accepted_uploads(settings.job_id, round_number)
+        uploads = aggregatable_uploads(store, settings.job_id, round_number)
         if len(uploads) < settings.min_replies:
             reason = f"{len(uploads)} accepted deltas, fewer than the minimum {settings.min_replies}"
             if round_state(store, settings.job_id, round_number) != "ABORTED":

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.errors import MalformedRequestError, OutOfRangeError
+from coordinator.access import Caller
+from coordinator.errors import MalformedRequestError, NotEnrolledError, OutOfRangeError
 from coordinator.intake import receive_delta
 from coordinator.jobs import bundle_tar
 from coordinator.state import StateStore, now
@@ -29,6 +30,7 @@ MAX_BUNDLE_CHUNK = 16 << 20
 class ServerState:
     storage: Storage
     signing_key: Ed25519PrivateKey
+    clock: Callable[[], float] = time.time
 
     @property
     def store(self) -> StateStore:
@@ -57,11 +59,19 @@ def job_manifest(state: ServerState, job_id: str) -> SignedDocument:
     return SignedDocument.create(manifest.to_json(), state.signing_key, JOB_MANIFEST_CONTEXT)
 
 
-def get_job(request: pb.GetJobRequest, state: ServerState) -> pb.SignedJobManifest:
+def _same_job(requested: str, caller: Caller) -> None:
+    if requested != caller.job_id:  # the signature covers the caller's job, not the request's
+        raise NotEnrolledError(f"owner {caller.owner.owner_id!r} signed for job {caller.job_id!r}, asked for "
+                               f"{requested!r}")
+
+
+def get_job(request: pb.GetJobRequest, state: ServerState, caller: Caller) -> pb.SignedJobManifest:
+    _same_job(request.job_id, caller)
     return serde.signed_manifest_to_pb(job_manifest(state, request.job_id))
 
 
-def download_bundle(request: pb.DownloadBundleRequest, state: ServerState) -> Iterator[pb.BundleChunk]:
+def download_bundle(request: pb.DownloadBundleRequest, state: ServerState, caller: Caller) -> Iterator[pb.BundleChunk]:
+    _same_job(request.job_id, caller)
     path = bundle_tar(state.storage, request.job_id)
     chunk_size = min(request.chunk_size or DEFAULT_BUNDLE_CHUNK, MAX_BUNDLE_CHUNK)
     with open(path, "rb") as stream:
@@ -70,8 +80,9 @@ def download_bundle(request: pb.DownloadBundleRequest, state: ServerState) -> It
             raise OutOfRangeError(f"offset {request.offset} is past the bundle's {size} bytes")
         stream.seek(request.offset)
         offset = request.offset
-        while data := stream.read(chunk_size):
-            yield serde.bundle_chunk_to_pb(BundleChunkInfo(offset, data, hashlib.sha256(data).digest(), size))
+        # No per-chunk digest: the client checks the whole tar against the signed manifest's sha256 and size.
+        while offset < size and (data := stream.read(min(chunk_size, size - offset))):
+            yield serde.bundle_chunk_to_pb(BundleChunkInfo(offset, data, size))
             offset += len(data)
 
 
@@ -83,15 +94,18 @@ def _chunks(requests: Iterator[pb.SubmitDeltaRequest | None]) -> Iterator[bytes]
         yield chunk
 
 
-def submit_delta(requests: Iterator[pb.SubmitDeltaRequest | None], state: ServerState) -> pb.SignedReceipt:
+def submit_delta(requests: Iterator[pb.SubmitDeltaRequest | None], state: ServerState,
+                 caller: Caller) -> pb.SignedReceipt:
+    """``caller`` was authenticated from the call's metadata before the first message was read."""
     first = next(requests, None)
     preamble = serde.preamble_from_pb(first) if first is not None else None
     if preamble is None:
         raise MalformedRequestError("the first message of SubmitDelta must be a well-formed preamble")
-    accepted = receive_delta(state.storage, state.signing_key, preamble, _chunks(requests))
+    accepted = receive_delta(state.storage, state.signing_key, caller, preamble, _chunks(requests))
     return serde.receipt_to_pb(accepted.receipt, accepted.already_accepted)
 
 
-def round_status(request: pb.GetRoundStatusRequest, state: ServerState) -> pb.RoundStatus:
+def round_status(request: pb.GetRoundStatusRequest, state: ServerState, caller: Caller) -> pb.RoundStatus:
+    _same_job(request.job_id, caller)
     status, reason, uploads, examples = state.store.round_status(request.job_id, request.round)
     return serde.round_status_to_pb(RoundStatusInfo(request.job_id, request.round, status, reason, uploads, examples))

@@ -14,11 +14,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError, Message
 
 from coordinator import errors, handlers
+from coordinator.access import Caller, authenticate
 from coordinator.errors import InvalidSettingError
 from coordinator.keyring import UnknownDeltaKeyError
 from coordinator.paths import load_or_create_signing_key
 from coordinator.state import StateStore
 from coordinator.storage import Storage
+from coordinator.transfers import TooBusyError, TransferGuard, TransferLimits
 from protos import crypto, sealed
 from protos.offsite.v1 import coordinator_pb2 as pb
 from protos.tensors import DeltaValidationError, SafetensorsFormatError
@@ -30,6 +32,9 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 # Most specific classes first: the first match wins.
 STATUS_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.NotEnrolledError, grpc.StatusCode.PERMISSION_DENIED),
+    (TooBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.UnknownOwnerError, grpc.StatusCode.UNAUTHENTICATED),
     (sealed.SealedSignatureError, grpc.StatusCode.UNAUTHENTICATED),
@@ -42,10 +47,16 @@ STATUS_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (sealed.SizeLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
     (errors.MalformedRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.TooManyExamplesError, grpc.StatusCode.INVALID_ARGUMENT),
     (sealed.SealedDeltaError, grpc.StatusCode.INVALID_ARGUMENT),
     (SafetensorsFormatError, grpc.StatusCode.INVALID_ARGUMENT),
     (DeltaValidationError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
+# What callers are told for these: nothing that names an owner, a job or a key (details go to the log).
+GENERIC_DETAILS: dict[type[BaseException], str] = {
+    errors.AuthenticationError: "authentication failed",
+    errors.NotEnrolledError: "not enrolled in this job",
+}
 M = TypeVar("M", bound=Message)
 
 
@@ -61,6 +72,10 @@ def _abort(context: grpc.ServicerContext, error: BaseException) -> Any:
     if code is None:
         log.exception("internal error")
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+    generic = GENERIC_DETAILS.get(type(error))
+    if generic is not None:
+        log.warning("%s from %s: %s", generic, context.peer(), error)
+        context.abort(code, generic)
     context.abort(code, f"{type(error).__name__}: {error}")
 
 
@@ -87,34 +102,51 @@ def _require(message: M | _Undecodable) -> M:
 
 
 class CoordinatorService:
-    def __init__(self, state: handlers.ServerState) -> None:
-        self.state = state
+    """Every method authenticates the caller from the call's metadata first (:mod:`coordinator.access`), before
+    it reads a request stream; transfers hold a slot of :class:`TransferGuard` for their whole life."""
+
+    def __init__(self, state: handlers.ServerState, guard: TransferGuard) -> None:
+        self.state, self.guard = state, guard
+
+    def _caller(self, context: grpc.ServicerContext, method: str) -> Caller:
+        return authenticate(self.state.store, context.invocation_metadata(), method, self.state.clock())
 
     def GetJob(self, request: pb.GetJobRequest | _Undecodable, context: grpc.ServicerContext) -> pb.SignedJobManifest:
         try:
-            return handlers.get_job(_require(request), self.state)
+            caller = self._caller(context, "GetJob")
+            return handlers.get_job(_require(request), self.state, caller)
         except Exception as error:  # noqa: BLE001 - every error becomes a status
             return _abort(context, error)
 
     def DownloadBundle(self, request: pb.DownloadBundleRequest | _Undecodable,
                        context: grpc.ServicerContext) -> Iterator[pb.BundleChunk]:
         try:
-            yield from handlers.download_bundle(_require(request), self.state)
+            caller = self._caller(context, "DownloadBundle")
+            with self.guard.transfer(caller.owner.owner_id, context) as touch:
+                for chunk in handlers.download_bundle(_require(request), self.state, caller):
+                    yield chunk
+                    touch()
         except Exception as error:  # noqa: BLE001
             _abort(context, error)
 
     def SubmitDelta(self, requests: Iterator[pb.SubmitDeltaRequest | _Undecodable],
                     context: grpc.ServicerContext) -> pb.SignedReceipt:
-        decoded = (None if isinstance(m, _Undecodable) else m for m in requests)
         try:
-            return handlers.submit_delta(decoded, self.state)
+            caller = self._caller(context, "SubmitDelta")  # before the first message is read
+            with self.guard.transfer(caller.owner.owner_id, context) as touch:
+                def decoded() -> Iterator[pb.SubmitDeltaRequest | None]:
+                    for message in requests:
+                        touch()
+                        yield None if isinstance(message, _Undecodable) else message
+                return handlers.submit_delta(decoded(), self.state, caller)
         except Exception as error:  # noqa: BLE001
             return _abort(context, error)
 
     def GetRoundStatus(self, request: pb.GetRoundStatusRequest | _Undecodable,
                        context: grpc.ServicerContext) -> pb.RoundStatus:
         try:
-            return handlers.round_status(_require(request), self.state)
+            caller = self._caller(context, "GetRoundStatus")
+            return handlers.round_status(_require(request), self.state, caller)
         except Exception as error:  # noqa: BLE001
             return _abort(context, error)
 
@@ -138,6 +170,7 @@ class RunningServer:
     port: int
     storage: Storage
     state: handlers.ServerState
+    guard: TransferGuard
 
     @property
     def store(self) -> StateStore:
@@ -149,6 +182,7 @@ class RunningServer:
 
     def stop(self, grace: float | None = None) -> None:
         self.server.stop(grace).wait()
+        self.guard.stop()
         self.storage.close()
 
     def wait(self) -> None:
@@ -161,8 +195,13 @@ def _read(value: Path | bytes | None) -> bytes | None:
 
 def start_server(state_dir: Path, port: int = 0, *, host: str = "127.0.0.1", tls_cert: Path | bytes | None = None,
                  tls_key: Path | bytes | None = None, client_ca: Path | bytes | None = None, insecure: bool = False,
-                 signing_key: Ed25519PrivateKey | Path | None = None, max_workers: int = 8) -> RunningServer:
-    """Start the service in this process; ``port=0`` picks a free port (see ``.port``). Stop with ``.stop()``."""
+                 signing_key: Ed25519PrivateKey | Path | None = None,
+                 limits: TransferLimits | None = None) -> RunningServer:
+    """Start the service in this process; ``port=0`` picks a free port (see ``.port``). Stop with ``.stop()``.
+
+    One thread per admitted call: ``limits.max_transfers`` for streams plus a reserve for unary calls; calls
+    beyond that are refused at once (RESOURCE_EXHAUSTED) rather than queued behind stalled transfers."""
+    limits = limits or TransferLimits()
     if isinstance(signing_key, Ed25519PrivateKey):
         key = signing_key
     elif signing_key is not None:
@@ -171,8 +210,10 @@ def start_server(state_dir: Path, port: int = 0, *, host: str = "127.0.0.1", tls
         key = load_or_create_signing_key(None)[0]
     storage = Storage.open(state_dir, recover=True)
     state = handlers.ServerState(storage, key)
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((CoordinatorService(state).generic_handler(),))
+    guard = TransferGuard(limits)
+    server = grpc.server(ThreadPoolExecutor(max_workers=limits.workers), options=GRPC_OPTIONS,
+                         maximum_concurrent_rpcs=limits.workers)
+    server.add_generic_rpc_handlers((CoordinatorService(state, guard).generic_handler(),))
     if tls_cert is not None and tls_key is not None:
         ca, pair = _read(client_ca), (Path(tls_key).read_bytes() if isinstance(tls_key, str | Path) else tls_key,
                                       Path(tls_cert).read_bytes() if isinstance(tls_cert, str | Path) else tls_cert)
@@ -182,7 +223,8 @@ def start_server(state_dir: Path, port: int = 0, *, host: str = "127.0.0.1", tls
     elif insecure:
         bound = server.add_insecure_port(f"{host}:{port}")
     else:
+        guard.stop()
         storage.close()
         raise InvalidSettingError("give {tls_cert} and {tls_key}, or {insecure} (plain text, meant for localhost)")
     server.start()
-    return RunningServer(server, bound, storage, state)
+    return RunningServer(server, bound, storage, state, guard)

@@ -2,7 +2,7 @@
 
 Owners (approved or revoked), jobs (each with its own adapter spec and reference adapter), rounds
 (OPEN -> CLOSED -> AGGREGATED, or ABORTED with a reason) and uploads, unique per (job, round, owner) and per
-upload id. An upload exists only once its row is committed. Blobs and delta keys live beside this store
+(owner, upload id). An upload exists only once its row is committed. Blobs and delta keys live beside this store
 (:mod:`coordinator.storage`); job creation, which also writes files, is :mod:`coordinator.jobs`.
 """
 
@@ -39,21 +39,32 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, bundle_digest TEXT NOT NULL, bundle_tar_sha256 TEXT NOT NULL,
     bundle_size INTEGER NOT NULL, adapter_spec TEXT NOT NULL, spec_digest TEXT NOT NULL,
     reference_norm REAL NOT NULL, max_delta_norm_ratio REAL NOT NULL, max_upload_bytes INTEGER NOT NULL,
-    max_plaintext_bytes INTEGER NOT NULL, chunk_size INTEGER NOT NULL, created_at TEXT NOT NULL);
+    max_plaintext_bytes INTEGER NOT NULL, chunk_size INTEGER NOT NULL, created_at TEXT NOT NULL,
+    aggregator TEXT NOT NULL DEFAULT 'fedavg', clip_norm REAL NOT NULL, max_num_examples INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
     job_id TEXT NOT NULL REFERENCES jobs(job_id), round INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('OPEN', 'CLOSED', 'AGGREGATED', 'ABORTED')),
     reason TEXT NOT NULL DEFAULT '', updated_at TEXT NOT NULL, PRIMARY KEY (job_id, round));
 CREATE TABLE IF NOT EXISTS uploads (
-    upload_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL,
+    upload_id TEXT NOT NULL, job_id TEXT NOT NULL, round INTEGER NOT NULL,
     owner_id TEXT NOT NULL REFERENCES owners(owner_id), blob_sha256 TEXT NOT NULL, plaintext_sha256 TEXT NOT NULL,
     num_examples INTEGER NOT NULL, accepted_at TEXT NOT NULL, receipt_json BLOB NOT NULL, receipt_sig BLOB NOT NULL,
+    preamble_sha256 TEXT NOT NULL, PRIMARY KEY (owner_id, upload_id),
     UNIQUE (job_id, round, owner_id), FOREIGN KEY (job_id, round) REFERENCES rounds(job_id, round));
+"""
+# Who may act on a job, and the request nonces seen recently (replay protection for authenticated RPCs).
+ACCESS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS job_members (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id), owner_id TEXT NOT NULL REFERENCES owners(owner_id),
+    enrolled_at TEXT NOT NULL, PRIMARY KEY (job_id, owner_id));
+CREATE TABLE IF NOT EXISTS request_nonces (
+    owner_id TEXT NOT NULL, nonce TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (owner_id, nonce));
 """
 TRANSITIONS = {"close": ({"OPEN"}, "CLOSED"), "aggregate": ({"CLOSED"}, "AGGREGATED"),
                "abort": ({"OPEN", "CLOSED"}, "ABORTED")}
 DEFAULT_MAX_UPLOAD = 1 << 31
 DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_MAX_NUM_EXAMPLES = 1_000_000
 
 
 def now() -> str:
@@ -81,6 +92,9 @@ class JobRow:
     max_upload_bytes: int
     max_plaintext_bytes: int
     chunk_size: int
+    aggregator: str  # an emulator.aggregate name
+    clip_norm: float  # every delta is clipped to this L2 norm before aggregation
+    max_num_examples: int  # the most examples one upload may claim
 
 
 @dataclass(frozen=True)
@@ -103,11 +117,18 @@ class Job:
     max_upload_bytes: int
     max_plaintext_bytes: int
     chunk_size: int
+    aggregator: str
+    clip_norm: float
+    max_num_examples: int
 
     @property
     def max_delta_norm(self) -> float:
-        # A zero reference (a LoRA B, say) makes the ratio an absolute bound.
-        return self.max_delta_norm_ratio * (self.reference_norm if self.reference_norm > 0 else 1.0)
+        return delta_norm_bound(self.max_delta_norm_ratio, self.reference_norm)
+
+
+def delta_norm_bound(max_delta_norm_ratio: float, reference_norm: float) -> float:
+    # A zero reference (a LoRA B, say) makes the ratio an absolute bound.
+    return max_delta_norm_ratio * (reference_norm if reference_norm > 0 else 1.0)
 
 
 @dataclass(frozen=True)
@@ -122,6 +143,7 @@ class UploadRecord:
     accepted_at: str
     receipt_json: bytes
     receipt_sig: bytes
+    preamble_sha256: str  # of the sealed delta's preamble: a retry must bring exactly the same one
 
 
 class StateStore:
@@ -134,6 +156,7 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._db.executescript(ACCESS_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -192,6 +215,38 @@ class StateStore:
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT blob_sha256 FROM uploads")}
 
+    # -- access: job members and request nonces ---------------------------------------------------------
+    def enroll(self, job_id: str, owner_id: str) -> None:
+        """Make an owner a member of a job (idempotent): members may read the job and submit to it."""
+        self.job(job_id)
+        self.owner(owner_id)
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO job_members VALUES (?, ?, ?)", (job_id, owner_id, now()))
+
+    def unenroll(self, job_id: str, owner_id: str) -> None:
+        with self.transaction() as db:
+            if db.execute("DELETE FROM job_members WHERE job_id = ? AND owner_id = ?",
+                          (job_id, owner_id)).rowcount != 1:
+                raise NotFoundError(f"owner {owner_id!r} is not enrolled in job {job_id!r}")
+
+    def is_member(self, job_id: str, owner_id: str) -> bool:
+        return self._one("SELECT 1 FROM job_members WHERE job_id = ? AND owner_id = ?", job_id, owner_id) is not None
+
+    def members(self, job_id: str) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT owner_id FROM job_members WHERE job_id = ? "
+                                                   "ORDER BY owner_id", (job_id,))]
+
+    def use_nonce(self, owner_id: str, nonce: str, now_s: float, ttl_s: float) -> bool:
+        """Record a request nonce; False if the owner already used it within ``ttl_s`` (a replay)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM request_nonces WHERE expires_at < ?", (now_s,))
+            try:
+                db.execute("INSERT INTO request_nonces VALUES (?, ?, ?)", (owner_id, nonce, now_s + ttl_s))
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
     # -- jobs -----------------------------------------------------------------------------------------------
     def has_job(self, job_id: str) -> bool:
         return self._one("SELECT 1 FROM jobs WHERE job_id = ?", job_id) is not None
@@ -200,11 +255,14 @@ class StateStore:
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (row.job_id,)).fetchone():
                 raise InvalidTransitionError(f"job {row.job_id!r} already exists")
-            db.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*astuple(row), now()))
+            values = (*astuple(row), now())
+            db.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}, created_at) VALUES ({', '.join('?' * len(values))})",
+                       values)
 
     def job(self, job_id: str) -> Job:
         row = self._one("SELECT job_id, bundle_digest, bundle_tar_sha256, bundle_size, adapter_spec, reference_norm, "
-                        "max_delta_norm_ratio, max_upload_bytes, max_plaintext_bytes, chunk_size FROM jobs "
+                        "max_delta_norm_ratio, max_upload_bytes, max_plaintext_bytes, chunk_size, aggregator, "
+                        "clip_norm, max_num_examples FROM jobs "
                         "WHERE job_id = ?", job_id)
         if row is None:
             raise NotFoundError(f"job {job_id!r} does not exist")
@@ -267,6 +325,12 @@ class StateStore:
         row = self._one(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE upload_id = ?", upload_id)
         return None if row is None else UploadRecord(*row)
 
+    def owner_upload(self, owner_id: str, upload_id: str) -> UploadRecord | None:
+        """Upload ids are scoped per owner: the same id from two owners names two uploads."""
+        row = self._one(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE owner_id = ? AND upload_id = ?", owner_id,
+                        upload_id)
+        return None if row is None else UploadRecord(*row)
+
     def slot(self, job_id: str, round: int, owner_id: str) -> UploadRecord | None:
         row = self._one(f"SELECT {_UPLOAD_COLUMNS} FROM uploads WHERE job_id = ? AND round = ? AND owner_id = ?",
                         job_id, round, owner_id)
@@ -280,12 +344,15 @@ class StateStore:
         return [UploadRecord(*row) for row in rows]
 
     def insert_upload(self, db: sqlite3.Connection, record: UploadRecord) -> None:
-        db.execute(f"INSERT INTO uploads ({_UPLOAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        db.execute(f"INSERT INTO uploads ({_UPLOAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    (record.upload_id, record.job_id, record.round, record.owner_id, record.blob_sha256,
                     record.plaintext_sha256, record.num_examples, record.accepted_at, record.receipt_json,
-                    record.receipt_sig))
+                    record.receipt_sig, record.preamble_sha256))
 
 
+_JOB_COLUMNS = ("job_id, bundle_digest, bundle_tar_sha256, bundle_size, adapter_spec, spec_digest, reference_norm, "
+                "max_delta_norm_ratio, max_upload_bytes, max_plaintext_bytes, chunk_size, aggregator, clip_norm, "
+                "max_num_examples")  # in JobRow's order
 _UPLOAD_COLUMNS = ("upload_id, job_id, round, owner_id, blob_sha256, plaintext_sha256, num_examples, accepted_at, "
-                   "receipt_json, receipt_sig")
+                   "receipt_json, receipt_sig, preamble_sha256")
 

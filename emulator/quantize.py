@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from emulator.errors import EmulatorConfigError
+from emulator.loading import UnsafeModelError, check_model_config, safe_model_class
 from emulator.surgery import Emulator
-from protos.bundle import MANIFEST, VerifiedBundle
+from protos.bundle import EMULATOR_DIR, MANIFEST, VerifiedBundle, check_allowed_files
 from protos.manifests import BundleManifest, QuantizationInfo
 
 INT8 = "int8"
@@ -151,20 +151,35 @@ def save_emulator(model: PreTrainedModel, directory: Path, quantization: Quantiz
 def load_emulator(bundle: Path | VerifiedBundle) -> PreTrainedModel:
     """The emulator of a bundle (verify it first and pass the :class:`VerifiedBundle`), plain or int8, in eval mode.
 
-    A path is read as is, unverified: only for bundles the caller already trusts.
+    A path is read as is, unverified: only for bundles the caller already trusts. Either way only safetensors
+    weights and JSON are read, never custom code (``trust_remote_code=False``, ``use_safetensors=True``), and an
+    :class:`~emulator.loading.UnsafeModelError` naming the field refuses a config with ``auto_map``, or a manifest
+    ``base_model.class`` / config ``architectures`` / ``model_type`` outside the family registry.
     """
     if isinstance(bundle, VerifiedBundle):
-        root, manifest = bundle.root, bundle.manifest
+        root, manifest = bundle.root, bundle.manifest  # its files are on the bundle allowlist, checked at verify
     else:
         root = Path(bundle)
         manifest = BundleManifest.from_json(json.loads((root / MANIFEST).read_text(encoding="utf-8")), "manifest")
-    model_class = getattr(transformers, manifest.base_model.class_name)
+        check_allowed_files(path.relative_to(root).as_posix() for path in root.rglob("*") if not path.is_dir())
+    if manifest.emulator.dir != EMULATOR_DIR:
+        raise UnsafeModelError(f"{MANIFEST} emulator.dir", f"must be {EMULATOR_DIR!r}, got {manifest.emulator.dir!r}")
+    directory = root / EMULATOR_DIR
+    config = check_model_config(directory, EMULATOR_DIR)
+    if manifest.base_model.model_type != config["model_type"]:
+        raise UnsafeModelError(f"{MANIFEST} base_model.model_type",
+                               f"{manifest.base_model.model_type!r} differs from the emulator config's "
+                               f"{config['model_type']!r}")
+    model_class = safe_model_class(manifest.base_model.class_name, f"{MANIFEST} base_model.class",
+                                   config["model_type"])
     quantization = manifest.emulator.quantization
-    directory = root / manifest.emulator.dir
     if quantization is None:
-        model: PreTrainedModel = model_class.from_pretrained(directory)
+        model: PreTrainedModel = model_class.from_pretrained(directory, use_safetensors=True,
+                                                             trust_remote_code=False)
     else:
-        model = model_class(AutoConfig.from_pretrained(directory))
+        config_class = model_class.config_class  # the class's own config, not an Auto lookup
+        assert config_class is not None  # safe_model_class found its model_type in the registry
+        model = model_class(config_class.from_pretrained(directory))
         for name in quantization.modules:
             weight, bias = _float_weight(model.get_submodule(name))
             _replace(model, name, Int8Linear(weight.shape[1], weight.shape[0], bias is not None))

@@ -1,16 +1,20 @@
 """The signed bundle: a directory (or one ``.tar`` of it) whose ``manifest.json`` lists the sha256 of every file
 and carries the coordinator's Ed25519 signature over a canonical encoding of itself.
 
-Verification reads only JSON and hashes bytes: nothing in a bundle is ever unpickled.
+Verification reads only JSON and hashes bytes: nothing in a bundle is ever unpickled. A bundle holds only the
+file types on :data:`ALLOWED_FILES` (safetensors weights, JSON configs, tokenizer JSON/text): no pickles, no Python
+modules, nothing a loader could run. Signing refuses any other file, and so does verification, signed or not.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
 import os
 import tarfile
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +42,19 @@ ADAPTER_WEIGHTS_FILE = "adapter/adapter.safetensors"
 EMULATOR_DIR = "emulator"
 TOKENIZER_DIR = "tokenizer"
 SIGNATURE_CONTEXT = "bundle-manifest/v1"
+CURVE_FILE = "distill_curve.json"
+
+# Every file a bundle may hold, as (directory, name patterns); one level deep, no sub-directories. The tokenizer's
+# are the JSON/text files transformers' save_pretrained writes for the supported families (a fast tokenizer:
+# tokenizer.json and tokenizer_config.json, plus chat_template.jinja when it has a chat template; the legacy
+# vocabulary formats: vocab.txt, vocab.json + merges.txt, added_tokens.json, special_tokens_map.json).
+ALLOWED_FILES: dict[str, tuple[str, ...]] = {
+    "": (MANIFEST, CURVE_FILE),
+    EMULATOR_DIR: ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json"),
+    TOKENIZER_DIR: ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja"),
+    "adapter": ("adapter_spec.json", "adapter.safetensors"),
+}
 
 
 class BundleError(ProtocolError):
@@ -75,6 +92,25 @@ class UnsupportedFormatError(BundleError):
 
 class MalformedManifestError(BundleError):
     pass
+
+
+class DisallowedFileError(BundleError):
+    """A file whose type a bundle may not hold (a pickle, a Python module, ...), listed and signed or not."""
+
+
+def is_allowed_file(rel: str) -> bool:
+    """Whether ``rel`` (a ``/``-separated path relative to the bundle root) is on :data:`ALLOWED_FILES`."""
+    directory, _, name = rel.rpartition("/")
+    patterns = ALLOWED_FILES.get(directory, ())
+    return bool(name) and not name.startswith(".") and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def check_allowed_files(rels: Iterable[str]) -> None:
+    """Raise :class:`DisallowedFileError` for the first (in sorted order) of ``rels`` not on the allowlist."""
+    for rel in sorted(rels):
+        if not is_allowed_file(rel):
+            raise DisallowedFileError(rel, "a bundle may not hold this file type (allowed: safetensors weights, "
+                                           "JSON configs, tokenizer JSON/text files)")
 
 
 @dataclass(frozen=True)
@@ -118,11 +154,13 @@ def _unsigned(raw: dict[str, object]) -> dict[str, object]:
 
 def sign_bundle(root: Path, manifest: BundleManifest, key: Ed25519PrivateKey) -> BundleManifest:
     """Hash every file under ``root``, then write ``manifest`` with the hashes and the signature as
-    ``manifest.json``; return the signed manifest."""
+    ``manifest.json``; return the signed manifest. A file not on :data:`ALLOWED_FILES` is refused, unsigned."""
     signer = SignerInfo(key_id=key_id(key.public_key()),
                         public_key=base64.b64encode(public_key_bytes(key.public_key())).decode("ascii"))
+    files = _bundle_files(root)
+    check_allowed_files(files)
     unsigned = replace(manifest, format_version=BUNDLE_FORMAT_VERSION, signer=signer, signature=None,
-                       files={rel: sha256_file(path) for rel, path in _bundle_files(root).items()})
+                       files={rel: sha256_file(path) for rel, path in files.items()})
     signature = sign(key, SIGNATURE_CONTEXT, canonical_json(unsigned.unsigned_json()))
     signed = replace(unsigned, signature=base64.b64encode(signature).decode("ascii"))
     atomic_write(root / MANIFEST, json.dumps(signed.to_json(), indent=2, sort_keys=True) + "\n")
@@ -177,6 +215,7 @@ def verify_bundle_dir(root: Path, trusted_key: Ed25519PublicKey) -> VerifiedBund
     for rel, expected in sorted(listed.items()):
         if sha256_file(present[rel]) != expected:
             raise TamperedFileError(rel, "sha256 does not match the manifest: the file was changed")
+    check_allowed_files(listed)  # even correctly signed: a loader must never meet a pickle or a module
     try:
         spec = AdapterSpec.load(root / ADAPTER_SPEC_FILE)
     except AdapterSpecError as error:

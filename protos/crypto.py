@@ -84,7 +84,9 @@ def generate_signing_key() -> Ed25519PrivateKey:
 
 
 def write_private_key(key: Ed25519PrivateKey, path: Path, *, force: bool = False) -> None:
-    """Write a PKCS#8 PEM private key with mode 0600, atomically; never overwrite unless ``force``."""
+    """Write a PKCS#8 PEM private key with mode 0600, atomically; never overwrite unless ``force``.
+
+    The temporary file is 0600 from its creation on, and a directory this creates for the key is 0700."""
     if path.exists() and not force:
         raise OutputExistsError(path)
     pem = key.private_bytes(

@@ -6,6 +6,7 @@ Both are read with ``from_json``, which names the field at fault (see :mod:`prot
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ BUNDLE_KIND = "offsite-bundle"
 JOB_MANIFEST_KIND = "offsite-job-manifest"
 TASKS = ("base", "causal-lm", "classification")
 LAYER_ROLES = ("bottom", "middle", "top")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 # -- the bundle manifest ---------------------------------------------------------------------------------------
@@ -155,6 +157,13 @@ class BundleRef(Document):
     digest: str  # the bundle's identity: sha256 of its canonical signed manifest
     tar_sha256: str
     size: int
+
+    def __post_init__(self) -> None:
+        for name in ("digest", "tar_sha256"):  # both may name files: 64 lowercase hex characters, nothing else
+            if not _SHA256_HEX.fullmatch(getattr(self, name)):
+                raise DocumentError(name, "expected 64 lowercase hex characters")
+        if self.size < 0:
+            raise DocumentError("size", f"must be >= 0, got {self.size}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -125,5 +125,4 @@ class RoundStatusInfo:
 class BundleChunkInfo:
     offset: int
     data: bytes
-    sha256: bytes
     total_size: int

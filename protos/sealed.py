@@ -1,25 +1,32 @@
-"""Sealed adapter delta, format v1: the contract both sides share.
+"""Sealed adapter delta, format v2: the contract both sides share. Each side reads the payload once.
 
-* Payload: the delta as safetensors bytes.
+* Payload: the delta as safetensors bytes, at most :func:`max_plaintext_length` of the job's adapter spec.
 * A fresh 32-byte data key is wrapped to the coordinator's X25519 key with HPKE (RFC 9180: X25519, HKDF-SHA256,
   ChaCha20-Poly1305); the HPKE ``info`` is a context label plus sha256 of the canonical header.
 * The payload key is HKDF(data key, info = label + header digest); the payload is encrypted in chunks, STREAM
   style (as age does): nonce = 11-byte big-endian chunk counter || last-chunk flag, AAD = label + header digest.
-* The owner signs (Ed25519) a fixed layout: sha256(header) || sha256(wrapped key) || sha256(ciphertext).
+  Each chunk's Poly1305 tag authenticates it: no digest of the plaintext or the ciphertext is taken.
+* The owner signs (Ed25519) twice. The preamble signature covers sha256(header) || sha256(wrapped key): the
+  coordinator checks it before it reads a chunk. The trailer signature covers sha256(header) || sha256(wrapped key)
+  || sha256(tag 0 || tag 1 || ...), the tags of every chunk in order: checked after the final chunk.
 
-Blob layout (on disk and, split into a preamble and chunks, on the wire)::
+Blob layout (on disk; on the wire a preamble message, chunk messages, then a trailer message)::
 
-    MAGIC | u32 len | header JSON | u16 len | wrapped key | u16 len | signature | ciphertext chunks
+    MAGIC | u32 len | header JSON | u16 len | wrapped key | u16 len | preamble signature | chunks | trailer signature
+
+A blob's address, :func:`blob_id`, is sha256(preamble bytes || tags digest || trailer signature). A changed chunk
+fails its tag for anyone without the data key; unlike v1's ciphertext sha256, the tags are no commitment against
+the two parties holding that key (the owner and the coordinator), who could craft other chunks with equal tags.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
+import json
+import math
 import os
 import struct
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -33,10 +40,12 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from safetensors.torch import save as save_safetensors
 
+from protos.adapter_spec import AdapterSpec
 from protos.crypto import SignatureError, key_id, sign, verify
 from protos.delta_keys import x25519_key_id
 from protos.sealed_header import (
     DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
     MAX_CHUNK_SIZE,
     MAX_HEADER_BYTES,
     MIN_CHUNK_SIZE,
@@ -45,41 +54,73 @@ from protos.sealed_header import (
     DecryptionError,
     ExpectedContext,
     HeaderError,
-    PlaintextDigestError,
     SealedDeltaError,
     SealedHeader,
     SealedSignatureError,
     SizeLimitError,
     TrailingDataError,
     TruncatedError,
+    UnsupportedVersionError,
     check_context,
     check_header_values,
+    ciphertext_length,
+    is_sha256_hex,
+    unsupported_version,
 )
+from protos.tensors import ITEM_SIZES
 
 __all__ = [
-    "CHUNK_AAD", "DEFAULT_CHUNK_SIZE", "HPKE_SUITE", "KEY_WRAP_INFO", "MAGIC", "MAX_CHUNK_SIZE", "MAX_HEADER_BYTES",
-    "MIN_CHUNK_SIZE", "PAYLOAD_KEY_INFO", "SIGN_CONTEXT", "TAG_BYTES", "ContextMismatchError", "DecryptionError",
-    "ExpectedContext", "HeaderError", "OpenedDelta", "PlaintextDigestError", "SealedDelta", "SealedDeltaError",
-    "SealedHeader", "SealedSignatureError", "SizeLimitError", "TrailingDataError", "TruncatedError", "check_context",
-    "check_header_values", "ciphertext_digest", "encode_preamble", "open_sealed", "read_preamble", "read_sealed",
-    "seal_delta", "signed_message", "verify_sealed_signature",
+    "CHUNK_AAD", "DEFAULT_CHUNK_SIZE", "FORMAT_VERSION", "HPKE_SUITE", "KEY_WRAP_INFO", "MAGIC", "MAX_CHUNK_SIZE",
+    "MAX_HEADER_BYTES", "MIN_CHUNK_SIZE", "PAYLOAD_KEY_INFO", "PREAMBLE_CONTEXT", "SIGNATURE_BYTES", "TAG_BYTES",
+    "TRAILER_BYTES", "TRAILER_CONTEXT", "WRAPPED_KEY_BYTES", "ContextMismatchError", "DecryptionError",
+    "ExpectedContext", "HeaderError", "OpenedDelta", "SealedDelta", "SealedDeltaError", "SealedHeader",
+    "SealedSignatureError", "SizeLimitError", "Trailer", "TrailingDataError", "TruncatedError", "Unsealer",
+    "UnsupportedVersionError", "blob_id", "check_context", "check_header_values", "check_preamble_fields",
+    "ciphertext_length", "encode_preamble", "is_sha256_hex", "max_plaintext_length", "open_sealed",
+    "preamble_message", "read_preamble", "read_sealed", "seal_delta", "trailer_message", "verify_preamble",
+    "verify_trailer",
 ]
 
-MAGIC = b"OFSDLT\x00\x01"
-SIGN_CONTEXT = "sealed-delta/v1"
-KEY_WRAP_INFO = b"offsite/sealed-delta/v1/key-wrap\x00"
-PAYLOAD_KEY_INFO = b"offsite/sealed-delta/v1/payload-key\x00"
-CHUNK_AAD = b"offsite/sealed-delta/v1/chunk\x00"
+MAGIC = b"OFSDLT\x00" + bytes([FORMAT_VERSION])
+PREAMBLE_CONTEXT = "sealed-delta/v2/preamble"
+TRAILER_CONTEXT = "sealed-delta/v2/trailer"
+KEY_WRAP_INFO = b"offsite/sealed-delta/v2/key-wrap\x00"
+PAYLOAD_KEY_INFO = b"offsite/sealed-delta/v2/payload-key\x00"
+CHUNK_AAD = b"offsite/sealed-delta/v2/chunk\x00"
+SIGNATURE_BYTES = 64  # Ed25519
+TRAILER_BYTES = SIGNATURE_BYTES
 WRAPPED_KEY_BYTES = 32 + 32 + TAG_BYTES  # HPKE enc || sealed 32-byte key
 HPKE_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
+
+
+class Trailer(bytes):
+    """The trailer signature as one part of a sealed delta's stream (ciphertext parts are plain ``bytes``)."""
+
+
+def max_plaintext_length(spec: AdapterSpec) -> int:
+    """The largest safetensors payload a delta for ``spec`` can be: the 8-byte header length, the JSON header with
+    every data offset written at its widest and padded to 8 bytes (as safetensors writes it, without
+    ``__metadata__``), and the tensor bytes. Pure: a function of the spec alone."""
+    data = 0
+    for tensor in spec.tensors:
+        if tensor.dtype not in ITEM_SIZES:
+            raise SizeLimitError(f"{tensor.name}: dtype {tensor.dtype!r} has no known item size")
+        data += math.prod(tensor.shape) * ITEM_SIZES[tensor.dtype]
+    widest = "9" * len(str(data))
+    entries = [f'{json.dumps(t.name)}:{{"dtype":{json.dumps(t.dtype)},"shape":[{",".join(map(str, t.shape))}],'
+               f'"data_offsets":[{widest},{widest}]}}' for t in spec.tensors]
+    header = len("{" + ",".join(entries) + "}")  # ASCII escapes: never shorter than the UTF-8 safetensors writes
+    return 8 + header + (-header % 8) + data
+
 
 @dataclass
 class SealedDelta:
     header: SealedHeader
     header_json: bytes
     wrapped_key: bytes
-    signature: bytes
+    signature: bytes  # the preamble signature
     ciphertext: bytes | bytearray
+    trailer: bytes  # the trailer signature
 
     def preamble(self) -> bytes:
         return encode_preamble(self.header_json, self.wrapped_key, self.signature)
@@ -90,10 +131,25 @@ class SealedDelta:
         for start in range(0, len(view), step):
             yield view[start:start + step]
 
+    def tags_digest(self) -> bytes:
+        tags = hashlib.sha256()
+        for chunk in self.chunks():
+            tags.update(chunk[-TAG_BYTES:])
+        return tags.digest()
+
+    def blob_id(self) -> str:
+        return blob_id(self.preamble(), self.tags_digest(), self.trailer)
+
     def write(self, path: Path) -> None:
         with open(path, "wb") as out:
             out.write(self.preamble())
             out.write(self.ciphertext)
+            out.write(self.trailer)
+
+
+def blob_id(preamble: bytes, tags_digest: bytes, trailer: bytes) -> str:
+    """A sealed blob's address: sha256 over its preamble, the digest of its chunk tags and its trailer."""
+    return hashlib.sha256(preamble + tags_digest + trailer).hexdigest()
 
 
 def encode_preamble(header_json: bytes, wrapped_key: bytes, signature: bytes) -> bytes:
@@ -101,22 +157,37 @@ def encode_preamble(header_json: bytes, wrapped_key: bytes, signature: bytes) ->
                      wrapped_key, struct.pack(">H", len(signature)), signature])
 
 
+def check_preamble_fields(header_json: bytes, wrapped_key: bytes, signature: bytes) -> None:
+    """Size limits on the preamble, before anything else reads it."""
+    if len(header_json) > MAX_HEADER_BYTES:
+        raise SizeLimitError(f"header of {len(header_json)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(wrapped_key) != WRAPPED_KEY_BYTES:
+        raise HeaderError(f"wrapped key is {len(wrapped_key)} bytes, {WRAPPED_KEY_BYTES} expected")
+    if len(signature) != SIGNATURE_BYTES:
+        raise HeaderError(f"preamble signature is {len(signature)} bytes, {SIGNATURE_BYTES} expected")
+
+
+def _exact(stream: BinaryIO, n: int, what: str) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise TruncatedError(f"blob ends inside the {what}")
+    return data
+
+
 def read_preamble(stream: BinaryIO) -> tuple[bytes, bytes, bytes]:
     """Read ``(header_json, wrapped_key, signature)`` from the start of a blob, with bounded lengths."""
-    def exact(n: int, what: str) -> bytes:
-        data = stream.read(n)
-        if len(data) != n:
-            raise TruncatedError(f"blob ends inside the {what}")
-        return data
-
-    if not hmac.compare_digest(exact(len(MAGIC), "magic"), MAGIC):
-        raise HeaderError("not a sealed delta v1 blob (bad magic)")
-    (header_len,) = struct.unpack(">I", exact(4, "header length"))
+    magic = _exact(stream, len(MAGIC), "magic")
+    if magic[:-1] == MAGIC[:-1] and magic != MAGIC:
+        raise unsupported_version(magic[-1])
+    if magic != MAGIC:
+        raise HeaderError("not a sealed delta blob (bad magic)")
+    (header_len,) = struct.unpack(">I", _exact(stream, 4, "header length"))
     if header_len > MAX_HEADER_BYTES:
-        raise HeaderError(f"header length {header_len} exceeds {MAX_HEADER_BYTES}")
-    header_json = exact(header_len, "header")
-    wrapped_key = exact(struct.unpack(">H", exact(2, "wrapped key length"))[0], "wrapped key")
-    signature = exact(struct.unpack(">H", exact(2, "signature length"))[0], "signature")
+        raise SizeLimitError(f"header length {header_len} exceeds {MAX_HEADER_BYTES}")
+    header_json = _exact(stream, header_len, "header")
+    wrapped_key = _exact(stream, struct.unpack(">H", _exact(stream, 2, "wrapped key length"))[0], "wrapped key")
+    signature = _exact(stream, struct.unpack(">H", _exact(stream, 2, "signature length"))[0], "signature")
+    check_preamble_fields(header_json, wrapped_key, signature)
     return header_json, wrapped_key, signature
 
 
@@ -124,12 +195,36 @@ def read_sealed(path: Path) -> SealedDelta:
     """Load a sealed blob written by :meth:`SealedDelta.write` (to resend the very same bytes)."""
     with open(path, "rb") as stream:
         header_json, wrapped_key, signature = read_preamble(stream)
-        ciphertext = stream.read()
-    return SealedDelta(SealedHeader.from_bytes(header_json), header_json, wrapped_key, signature, ciphertext)
+        header = SealedHeader.from_bytes(header_json)
+        ciphertext = _exact(stream, header.ciphertext_length, "ciphertext")
+        trailer = _exact(stream, TRAILER_BYTES, "trailer")
+        if stream.read(1):
+            raise TrailingDataError("data after the trailer")
+    return SealedDelta(header, header_json, wrapped_key, signature, ciphertext, trailer)
 
 
-def signed_message(header_json: bytes, wrapped_key: bytes, ciphertext_sha256: bytes) -> bytes:
-    return hashlib.sha256(header_json).digest() + hashlib.sha256(wrapped_key).digest() + ciphertext_sha256
+def preamble_message(header_json: bytes, wrapped_key: bytes) -> bytes:
+    return hashlib.sha256(header_json).digest() + hashlib.sha256(wrapped_key).digest()
+
+
+def trailer_message(header_json: bytes, wrapped_key: bytes, tags_digest: bytes) -> bytes:
+    return preamble_message(header_json, wrapped_key) + tags_digest
+
+
+def verify_preamble(header_json: bytes, wrapped_key: bytes, signature: bytes,
+                    sender_public: Ed25519PublicKey) -> None:
+    try:
+        verify(sender_public, signature, PREAMBLE_CONTEXT, preamble_message(header_json, wrapped_key))
+    except SignatureError as error:
+        raise SealedSignatureError("the owner's signature over the header and wrapped key does not verify") from error
+
+
+def verify_trailer(header_json: bytes, wrapped_key: bytes, trailer: bytes, tags_digest: bytes,
+                   sender_public: Ed25519PublicKey) -> None:
+    try:
+        verify(sender_public, trailer, TRAILER_CONTEXT, trailer_message(header_json, wrapped_key, tags_digest))
+    except SignatureError as error:
+        raise SealedSignatureError("the owner's trailer signature over the chunk tags does not verify") from error
 
 
 def _payload_aead(data_key: bytes, header_digest: bytes) -> ChaCha20Poly1305:
@@ -154,51 +249,110 @@ def seal_delta(
     recipient_public: X25519PublicKey,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> SealedDelta:
-    """Seal a delta (tensors, or a safetensors payload) for the coordinator; the ciphertext is held once."""
+    """Seal a delta (tensors, or a safetensors payload) for the coordinator in one pass: encryption only, the
+    ciphertext held once; the chunk tags it produces are what the trailer signs."""
     payload = save_safetensors(delta) if isinstance(delta, dict) else delta
     view = memoryview(payload)
     header = SealedHeader(
         job_id=job_id, round=round, owner_id=owner_id, upload_id=upload_id,
         sender_key_id=key_id(owner_key.public_key()), recipient_key_id=x25519_key_id(recipient_public),
-        adapter_spec_digest=adapter_spec_digest, plaintext_length=len(view),
-        plaintext_sha256=hashlib.sha256(view).hexdigest(), chunk_size=chunk_size, num_examples=num_examples,
+        adapter_spec_digest=adapter_spec_digest, plaintext_length=len(view), chunk_size=chunk_size,
+        num_examples=num_examples,
     )
     check_header_values(asdict(header))
     header_json, header_digest = header.to_bytes(), header.digest()
     data_key = os.urandom(32)
     wrapped_key = HPKE_SUITE.encrypt(data_key, recipient_public, info=KEY_WRAP_INFO + header_digest)
+    signature = sign(owner_key, PREAMBLE_CONTEXT, preamble_message(header_json, wrapped_key))
     aead, aad = _payload_aead(data_key, header_digest), CHUNK_AAD + header_digest
     ciphertext = bytearray(header.ciphertext_length)
     out, n, step = memoryview(ciphertext), header.num_chunks, chunk_size + TAG_BYTES
-    ciphertext_hash = hashlib.sha256()
-    # hashlib releases the GIL, so the ciphertext is hashed on a second core while the next chunk is encrypted.
-    with ThreadPoolExecutor(max_workers=1) as hasher:
-        pending = None
-        for i in range(n):
-            chunk = view[i * chunk_size:(i + 1) * chunk_size]
-            target = out[i * step:i * step + len(chunk) + TAG_BYTES]
-            aead.encrypt_into(_nonce(i, i == n - 1), chunk, aad, target)
-            if pending is not None:
-                pending.result()
-            pending = hasher.submit(ciphertext_hash.update, target)
-        if pending is not None:
-            pending.result()
-    signature = sign(owner_key, SIGN_CONTEXT, signed_message(header_json, wrapped_key, ciphertext_hash.digest()))
-    return SealedDelta(header, header_json, wrapped_key, signature, ciphertext)
+    tags = hashlib.sha256()
+    for i in range(n):
+        chunk = view[i * chunk_size:(i + 1) * chunk_size]
+        end = i * step + len(chunk) + TAG_BYTES
+        aead.encrypt_into(_nonce(i, i == n - 1), chunk, aad, out[i * step:end])
+        tags.update(out[end - TAG_BYTES:end])
+    trailer = sign(owner_key, TRAILER_CONTEXT, trailer_message(header_json, wrapped_key, tags.digest()))
+    return SealedDelta(header, header_json, wrapped_key, signature, ciphertext, trailer)
 
 
-def verify_sealed_signature(header_json: bytes, wrapped_key: bytes, signature: bytes, ciphertext_sha256: bytes,
-                            sender_public: Ed25519PublicKey) -> None:
-    try:
-        verify(sender_public, signature, SIGN_CONTEXT, signed_message(header_json, wrapped_key, ciphertext_sha256))
-    except SignatureError as error:
-        raise SealedSignatureError("the owner's signature over the header and ciphertext does not verify") from error
+class Unsealer:
+    """Opens a sealed delta in one pass as its ciphertext arrives, in parts of any size: each STREAM chunk is
+    authenticated and decrypted into :attr:`plaintext` as soon as it is complete (a part that is exactly a chunk is
+    decrypted where it lies). Build it only once the preamble signature has verified; :meth:`finish` checks that
+    the final chunk came and the owner's trailer signature over the tags."""
+
+    def __init__(self, header: SealedHeader, header_json: bytes, wrapped_key: bytes,
+                 recipient_private: X25519PrivateKey) -> None:
+        header_digest = hashlib.sha256(header_json).digest()
+        try:
+            data_key = HPKE_SUITE.decrypt(wrapped_key, recipient_private, info=KEY_WRAP_INFO + header_digest)
+        except (InvalidTag, ValueError) as error:
+            raise DecryptionError("the wrapped data key does not open with this coordinator key and header") from error
+        self.header, self._header_json, self._wrapped_key = header, header_json, wrapped_key
+        self._aead, self._aad = _payload_aead(data_key, header_digest), CHUNK_AAD + header_digest
+        self.plaintext = bytearray(header.plaintext_length)  # bounded by the caller's size checks
+        self._out = memoryview(self.plaintext)
+        self._pending = bytearray()
+        self._index = 0
+        self.received = 0
+        self._tags = hashlib.sha256()
+
+    @property
+    def complete(self) -> bool:
+        return self._index == self.header.num_chunks
+
+    def update(self, part: bytes | bytearray | memoryview) -> None:
+        view = memoryview(part)
+        total = self.header.ciphertext_length
+        if self.received + len(view) > total:
+            raise TrailingDataError(f"data after the final chunk ({self.received + len(view)} > {total} ciphertext "
+                                    f"bytes)")
+        self.received += len(view)
+        size = self.header.chunk_size
+        while len(view):
+            want = min(size, self.header.plaintext_length - self._index * size) + TAG_BYTES
+            if self._pending:
+                take = want - len(self._pending)
+                self._pending += view[:take]
+                view = view[take:]
+                if len(self._pending) == want:
+                    self._open(memoryview(self._pending))
+                    self._pending = bytearray()
+            elif len(view) >= want:
+                self._open(view[:want])
+                view = view[want:]
+            else:
+                self._pending += view
+                break
+
+    def _open(self, chunk: memoryview) -> None:
+        i, n, size = self._index, self.header.num_chunks, self.header.chunk_size
+        try:
+            self._aead.decrypt_into(_nonce(i, i == n - 1), chunk, self._aad,
+                                    self._out[i * size:i * size + len(chunk) - TAG_BYTES])
+        except InvalidTag as error:
+            raise DecryptionError(f"chunk {i} of {n} fails authentication (tampered, reordered or "
+                                  f"misplaced)") from error
+        self._tags.update(chunk[-TAG_BYTES:])
+        self._index += 1
+
+    def finish(self, trailer: bytes, sender_public: Ed25519PublicKey) -> bytes:
+        """Require the final chunk, then verify the trailer signature; return the tags digest."""
+        if not self.complete:
+            raise TruncatedError(f"stream ended after {self.received} of {self.header.ciphertext_length} ciphertext "
+                                 f"bytes: the final chunk is missing")
+        tags_digest = self._tags.digest()
+        verify_trailer(self._header_json, self._wrapped_key, trailer, tags_digest, sender_public)
+        return tags_digest
 
 
 @dataclass
 class OpenedDelta:
     header: SealedHeader
     plaintext: bytearray  # the safetensors payload
+    blob_id: str
 
 
 def _read_into(stream: BinaryIO, view: memoryview) -> int:
@@ -211,14 +365,6 @@ def _read_into(stream: BinaryIO, view: memoryview) -> int:
     return total
 
 
-def ciphertext_digest(stream: BinaryIO, start: int) -> bytes:
-    stream.seek(start)
-    digest = hashlib.sha256()
-    while block := stream.read(1 << 22):
-        digest.update(block)
-    return digest.digest()
-
-
 def open_sealed(
     path: Path,
     *,
@@ -226,62 +372,32 @@ def open_sealed(
     sender_public: Ed25519PublicKey,
     expected: ExpectedContext,
     max_plaintext_bytes: int,
-    ciphertext_sha256: bytes | None = None,
 ) -> OpenedDelta:
-    """Open a sealed blob file: header, context, sizes, signature, then streaming decryption and the digest.
+    """Open a sealed blob file: preamble signature, context, sizes, then one pass of decryption and the trailer.
 
     The plaintext is the only full-size buffer: ciphertext is read chunk by chunk into a reused buffer.
     """
     with open(path, "rb") as stream:
         header_json, wrapped_key, signature = read_preamble(stream)
         header = SealedHeader.from_bytes(header_json)
+        verify_preamble(header_json, wrapped_key, signature, sender_public)
         check_context(header, expected)
         if header.plaintext_length > max_plaintext_bytes:
             raise SizeLimitError(f"plaintext of {header.plaintext_length} bytes exceeds {max_plaintext_bytes}")
-        start = stream.tell()
-        size = os.fstat(stream.fileno()).st_size - start
-        if size < header.ciphertext_length:
-            raise TruncatedError(f"ciphertext is {size} bytes, {header.ciphertext_length} expected: chunks missing")
-        if size > header.ciphertext_length:
-            raise TrailingDataError(f"{size - header.ciphertext_length} bytes after the final chunk")
-        digest = ciphertext_sha256 if ciphertext_sha256 is not None else ciphertext_digest(stream, start)
-        verify_sealed_signature(header_json, wrapped_key, signature, digest, sender_public)
-        stream.seek(start)
-        return OpenedDelta(header, _decrypt(stream, header, wrapped_key, recipient_private))
-
-
-def _decrypt(stream: BinaryIO, header: SealedHeader, wrapped_key: bytes,
-             recipient_private: X25519PrivateKey) -> bytearray:
-    header_digest = header.digest()
-    try:
-        data_key = HPKE_SUITE.decrypt(wrapped_key, recipient_private, info=KEY_WRAP_INFO + header_digest)
-    except (InvalidTag, ValueError) as error:
-        raise DecryptionError("the wrapped data key does not open with this coordinator key and header") from error
-    aead, aad = _payload_aead(data_key, header_digest), CHUNK_AAD + header_digest
-    plaintext = bytearray(header.plaintext_length)
-    out, n, size = memoryview(plaintext), header.num_chunks, header.chunk_size
-    buffer = memoryview(bytearray(size + TAG_BYTES))
-    running = hashlib.sha256()
-    # As in sealing: the plaintext is hashed on a second core while the next chunk is read and decrypted.
-    with ThreadPoolExecutor(max_workers=1) as hasher:
-        pending = None
-        for i in range(n):
-            want = min(size, header.plaintext_length - i * size) + TAG_BYTES
-            if _read_into(stream, buffer[:want]) != want:
-                raise TruncatedError(f"chunk {i} of {n} is incomplete")
-            target = out[i * size:i * size + want - TAG_BYTES]
-            try:
-                aead.decrypt_into(_nonce(i, i == n - 1), buffer[:want], aad, target)
-            except InvalidTag as error:
-                raise DecryptionError(f"chunk {i} of {n} fails authentication (tampered, reordered or "
-                                      f"misplaced)") from error
-            if pending is not None:
-                pending.result()
-            pending = hasher.submit(running.update, target)
-        if pending is not None:
-            pending.result()
-    if stream.read(1):
-        raise TrailingDataError("data after the final chunk")
-    if not hmac.compare_digest(running.hexdigest(), header.plaintext_sha256):
-        raise PlaintextDigestError("plaintext sha256 differs from the header's")
-    return plaintext
+        rest = os.fstat(stream.fileno()).st_size - stream.tell()
+        want = header.ciphertext_length + TRAILER_BYTES
+        if rest < want:
+            raise TruncatedError(f"{rest} bytes follow the preamble, {want} expected: chunks or trailer missing")
+        if rest > want:
+            raise TrailingDataError(f"{rest - want} bytes after the trailer")
+        unsealer = Unsealer(header, header_json, wrapped_key, recipient_private)
+        buffer = memoryview(bytearray(min(header.chunk_size, header.plaintext_length) + TAG_BYTES))
+        for i in range(header.num_chunks):
+            size = min(header.chunk_size, header.plaintext_length - i * header.chunk_size) + TAG_BYTES
+            if _read_into(stream, buffer[:size]) != size:
+                raise TruncatedError(f"chunk {i} of {header.num_chunks} is incomplete")
+            unsealer.update(buffer[:size])
+        trailer = _exact(stream, TRAILER_BYTES, "trailer")
+        tags_digest = unsealer.finish(trailer, sender_public)
+    preamble = encode_preamble(header_json, wrapped_key, signature)
+    return OpenedDelta(header, unsealer.plaintext, blob_id(preamble, tags_digest, trailer))

@@ -1,5 +1,7 @@
-"""The sealed-delta v1 header (the fields bound into every chunk, the key wrapping and the signature), its strict
-schema, the context a coordinator expects, and the format's typed errors."""
+"""The sealed-delta v2 header (the fields bound into every chunk, the key wrapping and both owner signatures), its
+strict schema, the context a coordinator expects, and the format's typed errors.
+
+v2 carries no plaintext digest: every chunk's AEAD tag already authenticates it, and the owner signs the tags."""
 
 from __future__ import annotations
 
@@ -13,14 +15,20 @@ from protos.crypto import canonical_json
 from protos.errors import ProtocolError
 
 FORMAT = "offsite-sealed-delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TAG_BYTES = 16
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 1 << 10, 1 << 24
 MAX_HEADER_BYTES = 1 << 14
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")  # job, owner and upload ids
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+# \Z, not $: "$" also matches before a final newline
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")  # job, owner and upload ids
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_HEX32 = re.compile(r"^[0-9a-f]{32}\Z")
+
+
+def is_sha256_hex(value: object) -> bool:
+    """Exactly 64 lowercase hex characters: the only digest text that may become a file name."""
+    return isinstance(value, str) and _HEX64.match(value) is not None
 
 
 class SealedDeltaError(ProtocolError):
@@ -51,12 +59,17 @@ class TrailingDataError(SealedDeltaError):
     pass
 
 
-class PlaintextDigestError(SealedDeltaError):
-    pass
-
-
 class SizeLimitError(SealedDeltaError):
     pass
+
+
+class UnsupportedVersionError(HeaderError):
+    """A sealed delta of another format version (v1 blobs are refused: nothing sealed with v1 was deployed)."""
+
+
+def unsupported_version(version: object) -> UnsupportedVersionError:
+    return UnsupportedVersionError(f"sealed delta format version {version!r} is not supported: this side reads "
+                                   f"version {FORMAT_VERSION} only (seal the delta again)")
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,6 @@ class SealedHeader:
     recipient_key_id: str
     adapter_spec_digest: str
     plaintext_length: int
-    plaintext_sha256: str
     chunk_size: int
     num_examples: int
     format: str = FORMAT
@@ -83,11 +95,11 @@ class SealedHeader:
 
     @property
     def num_chunks(self) -> int:
-        return max(1, -(-self.plaintext_length // self.chunk_size))
+        return num_chunks(self.plaintext_length, self.chunk_size)
 
     @property
     def ciphertext_length(self) -> int:
-        return self.plaintext_length + TAG_BYTES * self.num_chunks
+        return ciphertext_length(self.plaintext_length, self.chunk_size)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> SealedHeader:
@@ -101,6 +113,8 @@ class SealedHeader:
             raise HeaderError(f"header is not UTF-8 JSON: {error}") from error
         if not isinstance(data, dict):
             raise HeaderError("header is not a JSON object")
+        if data.get("format") == FORMAT and data.get("version") != FORMAT_VERSION:
+            raise unsupported_version(data.get("version"))  # named before any other schema difference
         fields = set(cls.__dataclass_fields__)
         if set(data) != fields:
             raise HeaderError(f"header fields differ: missing {sorted(fields - set(data))}, "
@@ -112,18 +126,28 @@ class SealedHeader:
         return header
 
 
+def num_chunks(plaintext_length: int, chunk_size: int) -> int:
+    return max(1, -(-plaintext_length // chunk_size))
+
+
+def ciphertext_length(plaintext_length: int, chunk_size: int) -> int:
+    """The sealing overhead: one AEAD tag per chunk (an empty payload is one empty chunk)."""
+    return plaintext_length + TAG_BYTES * num_chunks(plaintext_length, chunk_size)
+
+
 def check_header_values(data: dict[str, Any]) -> None:
-    if data["format"] != FORMAT or data["version"] != FORMAT_VERSION:
-        raise HeaderError(f"unsupported format {data['format']!r} version {data['version']!r} (supported: 1)")
+    if data["format"] != FORMAT:
+        raise HeaderError(f"unsupported format {data['format']!r} (expected {FORMAT!r})")
+    if type(data["version"]) is not int or data["version"] != FORMAT_VERSION:
+        raise unsupported_version(data["version"])
     for name in ("job_id", "owner_id", "upload_id"):
         if not isinstance(data[name], str) or not ID_PATTERN.match(data[name]):
             raise HeaderError(f"{name}: not a valid identifier")
     for name in ("sender_key_id", "recipient_key_id"):
         if not isinstance(data[name], str) or not _HEX32.match(data[name]):
             raise HeaderError(f"{name}: not a 32-hex-digit key id")
-    for name in ("adapter_spec_digest", "plaintext_sha256"):
-        if not isinstance(data[name], str) or not _HEX64.match(data[name]):
-            raise HeaderError(f"{name}: not a sha256 hex digest")
+    if not isinstance(data["adapter_spec_digest"], str) or not _HEX64.match(data["adapter_spec_digest"]):
+        raise HeaderError("adapter_spec_digest: not a sha256 hex digest")
     for name, low, high in (("round", 1, 2**31), ("plaintext_length", 0, 2**48), ("num_examples", 1, 2**48),
                             ("chunk_size", MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)):
         value = data[name]

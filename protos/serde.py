@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from protos.messages import BundleChunkInfo, RoundStatusInfo, SignedDocument
 from protos.offsite.v1 import coordinator_pb2 as pb
-from protos.sealed import SealedDelta
+from protos.sealed import SealedDelta, Trailer
 
 
 def signed_manifest_to_pb(doc: SignedDocument) -> pb.SignedJobManifest:
@@ -36,11 +36,11 @@ def round_status_from_pb(message: pb.RoundStatus) -> RoundStatusInfo:
 
 
 def bundle_chunk_to_pb(chunk: BundleChunkInfo) -> pb.BundleChunk:
-    return pb.BundleChunk(offset=chunk.offset, data=chunk.data, sha256=chunk.sha256, total_size=chunk.total_size)
+    return pb.BundleChunk(offset=chunk.offset, data=chunk.data, total_size=chunk.total_size)
 
 
 def bundle_chunk_from_pb(message: pb.BundleChunk) -> BundleChunkInfo:
-    return BundleChunkInfo(message.offset, message.data, message.sha256, message.total_size)
+    return BundleChunkInfo(message.offset, message.data, message.total_size)
 
 
 def preamble_to_pb(header_json: bytes, wrapped_key: bytes, signature: bytes) -> pb.SubmitDeltaRequest:
@@ -56,14 +56,27 @@ def preamble_from_pb(message: pb.SubmitDeltaRequest) -> tuple[bytes, bytes, byte
     return bytes(p.header_json), bytes(p.wrapped_key), bytes(p.signature)
 
 
+def trailer_to_pb(trailer: bytes) -> pb.SubmitDeltaRequest:
+    return pb.SubmitDeltaRequest(trailer=pb.SealedTrailer(signature=trailer))
+
+
 def chunk_from_pb(message: pb.SubmitDeltaRequest) -> bytes | None:
-    return message.chunk if message.WhichOneof("part") == "chunk" else None
+    """A part after the preamble: ciphertext ``bytes``, or the trailer as :class:`protos.sealed.Trailer`; None for
+    anything else."""
+    part = message.WhichOneof("part")
+    if part == "chunk":
+        return message.chunk
+    if part == "trailer":
+        return Trailer(message.trailer.signature)
+    return None
 
 
 def sealed_to_requests(sealed: SealedDelta, *, stop_after: int | None = None) -> Iterator[pb.SubmitDeltaRequest]:
-    """The preamble, then one message per STREAM chunk (``stop_after`` chunks at most, to test disconnects)."""
+    """The preamble, one message per STREAM chunk, the trailer (``stop_after`` chunks at most and no trailer, to
+    test disconnects)."""
     yield preamble_to_pb(sealed.header_json, sealed.wrapped_key, sealed.signature)
     for index, chunk in enumerate(sealed.chunks()):
         if stop_after is not None and index >= stop_after:
             return
         yield pb.SubmitDeltaRequest(chunk=bytes(chunk))
+    yield trailer_to_pb(sealed.trailer)

@@ -17,7 +17,7 @@ from coordinator.bundles import build_bundle, state_dict_digest
 from emulator.loading import embedded_model_path
 from emulator.split import SplitConfig
 from protos import bundle as B
-from protos.crypto import canonical_json, sign
+from protos.crypto import canonical_json, sha256_file, sign
 from protos.manifests import BundleManifest
 from tests.models import tiny_model
 
@@ -89,6 +89,24 @@ def test_an_extra_file_is_named(bundle: Path, coordinator_key: Ed25519PrivateKey
     (bundle / "emulator" / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle smuggled in
     with pytest.raises(B.ExtraFileError, match="emulator/pytorch_model.bin"):
         B.verify_bundle(bundle, coordinator_key.public_key())
+
+
+@pytest.mark.parametrize("rel", ["emulator/pytorch_model.bin", "tokenizer/x.py", "emulator/modeling_x.py"])
+def test_a_listed_and_signed_disallowed_file_is_named(bundle: Path, coordinator_key: Ed25519PrivateKey,
+                                                      rel: str) -> None:
+    (bundle / rel).write_bytes(b"\x80\x04K\x01.")  # a pickle, or code a loader might import
+    with pytest.raises(B.DisallowedFileError, match=rel):  # the coordinator's own signing refuses it...
+        B.sign_bundle(bundle, _fields(bundle), coordinator_key)
+    path = bundle / "manifest.json"  # ...and a manifest that lists it, really signed by that key, fails to verify
+    manifest = json.loads(path.read_text())
+    manifest["files"][rel] = sha256_file(bundle / rel)
+    unsigned = {k: v for k, v in manifest.items() if k != "signature"}
+    manifest["signature"] = base64.b64encode(sign(coordinator_key, B.SIGNATURE_CONTEXT,
+                                                  canonical_json(unsigned))).decode()
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(B.DisallowedFileError, match=rel) as error:
+        B.verify_bundle(bundle, coordinator_key.public_key())
+    assert error.value.path == rel
 
 
 def test_an_edited_manifest_fails_its_signature(bundle: Path, coordinator_key: Ed25519PrivateKey) -> None:

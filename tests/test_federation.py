@@ -89,7 +89,7 @@ def test_restart_between_close_and_aggregation(base_config: SimulateConfig, tmp_
     owner_key = crypto.load_private_key(config.workdir / "owners" / "owner-0.key")
     try:
         with CoordinatorClient(server.address, coordinator_key=prepared.coordinator_key.public_key(),
-                               insecure=True) as client:
+                               owner_key=owner_key, insecure=True) as client:
             job = client.get_job(variant.job_id)
             client.submit_delta(job, 2, delta, owner_key, num_examples=40)
     finally:

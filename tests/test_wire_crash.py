@@ -65,7 +65,8 @@ def test_coordinator_killed_mid_upload_then_retry(tmp_path: Path,
     storage.close()
     port = free_port()
     process = serve(state, key_file, port)
-    client = CoordinatorClient(f"127.0.0.1:{port}", coordinator_key=key.public_key(), insecure=True, retries=8)
+    client = CoordinatorClient(f"127.0.0.1:{port}", coordinator_key=key.public_key(), owner_key=owner,
+                               owner_id="alice", insecure=True, retries=8)
     try:
         wait_ready(client, process)
         sealed = client.seal(client.get_job("jobA"), 1, good_delta(), owner, 3, "up-kill", owner_id="alice")
@@ -77,7 +78,7 @@ def test_coordinator_killed_mid_upload_then_retry(tmp_path: Path,
             hang.wait(30)
 
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        future = CoordinatorStub(channel).SubmitDelta.future(half())
+        future = CoordinatorStub(channel).SubmitDelta.future(half(), metadata=client._auth("SubmitDelta", "jobA"))
         deadline = time.time() + 20
         while not list((state / "blobs" / "tmp").iterdir()) and time.time() < deadline:
             time.sleep(0.01)
@@ -122,12 +123,15 @@ def test_cli_owner_job_round_join_submit(tmp_path: Path, bundle_dir: tuple[Path,
     ok(coordinator_app, "job", "create", "--bundle", str(bundle), "--job", "j1", "--state", str(state), "--key",
        str(key_file))
     ok(coordinator_app, "round", "open", "--job", "j1", "--round", "1", "--state", str(state))
+    ok(coordinator_app, "job", "enroll", "--job", "j1", "--owner", "alice", "--state", str(state))
+    assert "alice" in ok(coordinator_app, "job", "members", "--job", "j1", "--state", str(state))
 
     from coordinator.server import start_server
 
     server = start_server(state, signing_key=key, insecure=True)
     try:
-        common = ["--coordinator", server.address, "--job", "j1", "--coordinator-key", str(pub_file), "--insecure"]
+        common = ["--coordinator", server.address, "--job", "j1", "--coordinator-key", str(pub_file), "--insecure",
+                  "--owner-id", "alice", "--key", str(owner_dir / "owner.key")]
         assert "bundle verified" in ok(client_app, "join", *common, "--out", str(tmp_path / "job"))
         spec = server.store.job("j1").adapter_spec
         from safetensors.torch import load_file
@@ -136,7 +140,7 @@ def test_cli_owner_job_round_join_submit(tmp_path: Path, bundle_dir: tuple[Path,
         save_file({name: t * 0.01 for name, t in adapter.items()}, str(tmp_path / "delta.safetensors"))
         assert set(adapter) == set(spec.names)
         args = ["submit", str(tmp_path / "delta.safetensors"), *common, "--round", "1", "--num-examples", "12",
-                "--owner-id", "alice", "--key", str(owner_dir / "owner.key"), "--upload-id", "cli-1"]
+                "--upload-id", "cli-1"]
         assert "accepted: upload cli-1" in ok(client_app, *args)
         assert "already accepted" in ok(client_app, *args)
     finally:

@@ -51,50 +51,53 @@ def test_job_manifest_is_signed_and_complete(wire: Wire) -> None:
     assert job.adapter_spec.digest() == SPEC.digest()
     assert job.delta_key_id == wire.keyring.current_id
     other = CoordinatorClient(wire.server.address, coordinator_key=Ed25519PrivateKey.generate().public_key(),
-                              insecure=True)
+                              owner_key=wire.owners["alice"], owner_id="alice", insecure=True)
     with other, pytest.raises(ValueError, match="signature does not verify"):
         other.get_job("jobA")
-    assert rpc_error(wire.client.get_job, "nope").code() == CODE.NOT_FOUND
+    # An owner learns nothing about jobs it is not enrolled in, not even whether they exist.
+    missing, foreign = rpc_error(wire.client.get_job, "nope"), rpc_error(wire.client.get_job, "jobZ")
+    assert missing.code() == foreign.code() == CODE.PERMISSION_DENIED
+    assert missing.details() == foreign.details() == "not enrolled in this job"
 
 
 def test_exact_replay_returns_the_same_receipt_once_counted(wire: Wire) -> None:
     sealed = wire.seal()
-    first = wire.client.submit_sealed(sealed)
-    again = wire.client.submit_sealed(sealed)
+    first = wire.submit(sealed)
+    again = wire.submit(sealed)
     assert not first.already_accepted and again.already_accepted
     assert first.fields() == again.fields()
     assert wire.client.round_status("jobA", 1).accepted_uploads == 1
     assert wire.client.round_status("jobA", 1).total_examples == 7
     wire.store.close_round("jobA", 1)
-    assert wire.client.submit_sealed(sealed).already_accepted  # a lost receipt can still be fetched
+    assert wire.submit(sealed).already_accepted  # a lost receipt can still be fetched
 
 
 def test_same_slot_with_different_bytes_is_refused(wire: Wire) -> None:
-    wire.client.submit_sealed(wire.seal(upload_id="up-1"))
+    wire.submit(wire.seal(upload_id="up-1"))
     resealed = wire.seal(upload_id="up-1")  # same upload id, fresh data key: different bytes
-    assert rpc_error(wire.client.submit_sealed, resealed).code() == CODE.ALREADY_EXISTS
+    assert rpc_error(wire.submit, resealed).code() == CODE.ALREADY_EXISTS
     other_id = wire.seal(good_delta(0.02), upload_id="up-2")
-    error = rpc_error(wire.client.submit_sealed, other_id)
+    error = rpc_error(wire.submit, other_id)
     assert error.code() == CODE.ALREADY_EXISTS and "already has an accepted upload" in error.details()
     assert wire.store.round_status("jobA", 1)[2] == 1 and len(wire.blobs.visible()) == 1
 
 
-@pytest.mark.parametrize(("owner", "code", "words"), [
-    ("mallory", CODE.UNAUTHENTICATED, "not registered"),
-    ("carol", CODE.PERMISSION_DENIED, "pending"),
-    ("bob", CODE.PERMISSION_DENIED, "revoked"),
+@pytest.mark.parametrize(("owner", "code", "words"), [  # one generic answer: strangers learn nothing
+    ("mallory", CODE.UNAUTHENTICATED, "authentication failed"),
+    ("carol", CODE.UNAUTHENTICATED, "authentication failed"),
+    ("bob", CODE.UNAUTHENTICATED, "authentication failed"),
 ])
 def test_unknown_unapproved_or_revoked_owner(wire: Wire, owner: str, code: grpc.StatusCode, words: str) -> None:
     wire.owners["mallory"] = Ed25519PrivateKey.generate()
     wire.store.set_owner_status("bob", "revoked")
-    error = rpc_error(wire.client.submit_sealed, wire.seal(owner=owner))
+    error = rpc_error(wire.submit, wire.seal(owner=owner))
     assert error.code() == code and words in error.details()
     wire.assert_nothing_written()
 
 
 def test_upload_to_a_closed_round(wire: Wire) -> None:
     wire.store.close_round("jobA", 1)
-    error = rpc_error(wire.client.submit_sealed, wire.seal())
+    error = rpc_error(wire.submit, wire.seal())
     assert error.code() == CODE.FAILED_PRECONDITION and "CLOSED" in error.details()
     assert wire.client.round_status("jobA", 1).state == "CLOSED"
 
@@ -105,26 +108,30 @@ def test_stream_larger_than_the_cap(wire: Wire, tmp_path: Path, bundle_dir: tupl
     create_job(wire.storage, "capped", bundle_dir[0], wire.key.public_key(), adapter_spec=SPEC,
                reference_adapter=reference(), chunk_size=CHUNK, max_upload_bytes=blob_size + 100)
     wire.store.open_round("capped", 1)
+    wire.store.enroll("capped", "alice")
     fits = wire.seal(job_id="capped")
     extra = [bytes(c) for c in fits.chunks()] + [bytes(4096)]
-    error = rpc_error(wire.send, requests(fits, extra))
+    error = rpc_error(lambda: wire.send(requests(fits, extra), job_id="capped"))
     assert error.code() == CODE.RESOURCE_EXHAUSTED and "cap" in error.details()
     too_big = wire.seal(torch.zeros(4096).numpy().tobytes(), job_id="capped")
-    assert rpc_error(wire.client.submit_sealed, too_big).code() == CODE.RESOURCE_EXHAUSTED
+    assert rpc_error(wire.submit, too_big).code() == CODE.RESOURCE_EXHAUSTED
     assert wire.blobs.visible() == [] and list(wire.blobs.tmp.iterdir()) == []
-    assert wire.client.submit_sealed(fits).upload_id == fits.header.upload_id
+    assert wire.submit(fits).upload_id == fits.header.upload_id
 
 
 def test_garbage_bytes_instead_of_a_protobuf(wire: Wire) -> None:
     raw = wire.channel.stream_unary("/offsite.v1.Coordinator/SubmitDelta", request_serializer=lambda b: b)
-    error = rpc_error(raw, iter([b"\xff\xfe garbage \x00\x01" * 10]))
+    garbage = [b"\xff\xfe garbage \x00\x01" * 10]
+    assert rpc_error(raw, iter(garbage)).code() == CODE.UNAUTHENTICATED  # a stranger's bytes are never parsed
+    error = rpc_error(lambda: raw(iter(garbage), metadata=wire.auth("SubmitDelta")))
     assert error.code() == CODE.INVALID_ARGUMENT and "preamble" in error.details()
     sealed = wire.seal()
     first = serde.preamble_to_pb(sealed.header_json, sealed.wrapped_key, sealed.signature).SerializeToString()
-    error = rpc_error(raw, iter([first, b"\xff\xff\xff\xff"]))
+    error = rpc_error(lambda: raw(iter([first, b"\xff\xff\xff\xff"]), metadata=wire.auth("SubmitDelta")))
     assert error.code() == CODE.INVALID_ARGUMENT and "chunk" in error.details()
     unary = wire.channel.unary_unary("/offsite.v1.Coordinator/GetJob", request_serializer=lambda b: b)
-    assert rpc_error(unary, b"\xff\x01\x02").code() == CODE.INVALID_ARGUMENT
+    assert rpc_error(unary, b"\xff\x01\x02").code() == CODE.UNAUTHENTICATED
+    assert rpc_error(lambda: unary(b"\xff\x01\x02", metadata=wire.auth("GetJob"))).code() == CODE.INVALID_ARGUMENT
     wire.assert_nothing_written()
 
 
@@ -139,7 +146,7 @@ def test_disconnect_and_retry_accepts_exactly_once(wire: Wire, fraction: float) 
         yield from messages[:cut]
         hang.wait(10)
 
-    future = wire.stub.SubmitDelta.future(stalled())
+    future = wire.stub.SubmitDelta.future(stalled(), metadata=wire.auth("SubmitDelta"))
     deadline = time.time() + 5
     while not list(wire.blobs.tmp.iterdir()) and time.time() < deadline:
         time.sleep(0.01)
@@ -149,17 +156,17 @@ def test_disconnect_and_retry_accepts_exactly_once(wire: Wire, fraction: float) 
     while list(wire.blobs.tmp.iterdir()) and time.time() < deadline:
         time.sleep(0.01)
     wire.assert_nothing_written()
-    receipt = wire.client.submit_sealed(sealed)
+    receipt = wire.submit(sealed)
     assert not receipt.already_accepted
-    assert wire.client.submit_sealed(sealed).already_accepted
+    assert wire.submit(sealed).already_accepted
     assert [u.upload_id for u in wire.store.accepted_uploads("jobA", 1)] == [sealed.header.upload_id]
 
 
 def test_accepted_uploads_reopen_for_aggregation(wire: Wire) -> None:
     deltas = {"bob": good_delta(0.03), "alice": good_delta(0.01)}
     for owner, delta in deltas.items():
-        wire.client.submit_delta(wire.job(), 1, delta, wire.owners[owner], 5 if owner == "bob" else 9,
-                                 owner_id=owner)
+        wire.client_of(owner).submit_delta(wire.job(), 1, delta, wire.owners[owner], 5 if owner == "bob" else 9,
+                                           owner_id=owner)
     records = wire.store.accepted_uploads("jobA", 1)
     assert [(r.owner_id, r.num_examples) for r in records] == [("alice", 9), ("bob", 5)]
     for record in records:
@@ -200,7 +207,8 @@ def test_bundle_download_resumes_and_verifies(wire: Wire, tmp_path: Path) -> Non
     assert not (corrupt / "bundle.tar.part").exists()
     assert wire.client.download_bundle(job, corrupt).digest == job.bundle_digest
     past_end = pb.DownloadBundleRequest(job_id="jobA", offset=len(tar) + 1)
-    assert rpc_error(lambda: list(wire.stub.DownloadBundle(past_end))).code() == CODE.OUT_OF_RANGE
+    assert rpc_error(lambda: list(wire.stub.DownloadBundle(past_end, metadata=wire.auth("DownloadBundle")))
+                     ).code() == CODE.OUT_OF_RANGE
 
 
 def _cert(name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
@@ -236,14 +244,15 @@ def test_tls_and_mutual_tls(tmp_path: Path, bundle_dir: tuple[Path, Ed25519Priva
     server = start_server(tmp_path / "state", signing_key=key, tls_cert=_pem(server_cert), tls_key=_pem(server_key),
                           client_ca=_pem(ca))
     try:
-        populate(server.storage, bundle, key, {})
-        mutual = CoordinatorClient(f"localhost:{server.port}", coordinator_key=key.public_key(),
-                                   root_certificates=_pem(ca), client_key=_pem(client_key),
+        alice = Ed25519PrivateKey.generate()
+        populate(server.storage, bundle, key, {"alice": alice})
+        mutual = CoordinatorClient(f"localhost:{server.port}", coordinator_key=key.public_key(), owner_key=alice,
+                                   owner_id="alice", root_certificates=_pem(ca), client_key=_pem(client_key),
                                    client_cert=_pem(client_cert))
         with mutual:
             assert mutual.get_job("jobA").job_id == "jobA"
-        anonymous = CoordinatorClient(f"localhost:{server.port}", coordinator_key=key.public_key(),
-                                      root_certificates=_pem(ca), retries=0)
+        anonymous = CoordinatorClient(f"localhost:{server.port}", coordinator_key=key.public_key(), owner_key=alice,
+                                      owner_id="alice", root_certificates=_pem(ca), retries=0)
         with anonymous:
             assert rpc_error(anonymous.get_job, "jobA").code() == CODE.UNAVAILABLE
     finally:
@@ -256,7 +265,7 @@ def test_delta_key_rotation_keeps_old_deltas_openable(wire: Wire) -> None:
     new_id = wire.keyring.rotate()
     after = wire.job()
     assert after.delta_key_id == new_id != before.delta_key_id
-    assert not wire.client.submit_sealed(sealed_to_old).already_accepted
+    assert not wire.submit(sealed_to_old).already_accepted
     assert wire.seal(owner="bob").header.recipient_key_id == new_id
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from collections.abc import Iterator
@@ -24,10 +23,17 @@ from coordinator.storage import Storage
 from protos import serde
 from protos.adapter_spec import AdapterSpec, TensorSpec
 from protos.crypto import sign
-from protos.messages import JobInfo
+from protos.messages import JobInfo, Receipt
 from protos.offsite.v1 import coordinator_pb2 as pb
 from protos.offsite.v1.coordinator_pb2_grpc import CoordinatorStub
-from protos.sealed import SIGN_CONTEXT, SealedDelta, SealedHeader, signed_message
+from protos.sealed import (
+    PREAMBLE_CONTEXT,
+    TRAILER_CONTEXT,
+    SealedDelta,
+    SealedHeader,
+    preamble_message,
+    trailer_message,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -83,6 +89,8 @@ def populate(storage: Storage, bundle: Path, key: Ed25519PrivateKey, owners: dic
     store.open_round("jobB", 2)
     for name, owner_key in owners.items():
         store.add_owner(name, owner_key.public_key(), approved=name != "carol")
+        for job_id in ("jobA", "jobB"):
+            store.enroll(job_id, name)
 
 
 @dataclass
@@ -93,6 +101,7 @@ class Wire:
     client: CoordinatorClient
     stub: CoordinatorStub
     channel: grpc.Channel
+    clients: dict[str, CoordinatorClient]
 
     @property
     def store(self) -> StateStore:
@@ -113,13 +122,29 @@ class Wire:
     def job(self, job_id: str = "jobA") -> JobInfo:
         return self.client.get_job(job_id)
 
+    def client_of(self, owner: str) -> CoordinatorClient:
+        """A client signing its calls as ``owner`` (same channel target, its own key)."""
+        if owner not in self.clients:
+            self.clients[owner] = CoordinatorClient(self.server.address, coordinator_key=self.key.public_key(),
+                                                    owner_key=self.owners[owner], owner_id=owner, insecure=True,
+                                                    backoff_s=0.05)
+        return self.clients[owner]
+
+    def auth(self, method: str, *, owner: str = "alice", job_id: str = "jobA") -> list[tuple[str, str | bytes]]:
+        return self.client_of(owner)._auth(method, job_id)
+
     def seal(self, delta: dict[str, torch.Tensor] | bytes | None = None, *, owner: str = "alice",
              job_id: str = "jobA", round: int = 1, upload_id: str = "up-1", num_examples: int = 7) -> SealedDelta:
         return self.client.seal(self.job(job_id), round, good_delta() if delta is None else delta,
                                 self.owners[owner], num_examples, upload_id, owner_id=owner)
 
-    def send(self, messages: list[pb.SubmitDeltaRequest]) -> pb.SignedReceipt:
-        return self.stub.SubmitDelta(iter(messages))
+    def submit(self, sealed: SealedDelta) -> Receipt:
+        """Upload as the owner the sealed header names."""
+        return self.client_of(sealed.header.owner_id).submit_sealed(sealed)
+
+    def send(self, messages: list[pb.SubmitDeltaRequest], *, owner: str = "alice",
+             job_id: str = "jobA") -> pb.SignedReceipt:
+        return self.stub.SubmitDelta(iter(messages), metadata=self.auth("SubmitDelta", owner=owner, job_id=job_id))
 
     def assert_nothing_written(self) -> None:
         assert self.blobs.visible() == []
@@ -128,20 +153,27 @@ class Wire:
         assert self.client.round_status("jobA", 1).state == "OPEN"  # still serving
 
 
-def requests(sealed: SealedDelta, chunks: list[bytes] | None = None) -> list[pb.SubmitDeltaRequest]:
+def requests(sealed: SealedDelta, chunks: list[bytes] | None = None, *,
+             trailer: bytes | None = None) -> list[pb.SubmitDeltaRequest]:
+    """The preamble, the chunks (``sealed``'s own unless given), the trailer (``sealed``'s own unless given)."""
     parts = [bytes(c) for c in sealed.chunks()] if chunks is None else chunks
     return [serde.preamble_to_pb(sealed.header_json, sealed.wrapped_key, sealed.signature),
-            *[pb.SubmitDeltaRequest(chunk=c) for c in parts]]
+            *[pb.SubmitDeltaRequest(chunk=c) for c in parts],
+            serde.trailer_to_pb(sealed.trailer if trailer is None else trailer)]
 
 
 def resign(sealed: SealedDelta, key: Ed25519PrivateKey, *, header_json: bytes | None = None,
            wrapped_key: bytes | None = None, chunks: list[bytes] | None = None) -> SealedDelta:
-    """What a malicious owner can do: change any part and sign the result with its own key."""
+    """What a malicious owner can do: change any part and sign the result (preamble and trailer) with its own key.
+    The trailer signs the tags as the coordinator will see them: the last 16 bytes of each STREAM chunk."""
     header_json = sealed.header_json if header_json is None else header_json
     wrapped_key = sealed.wrapped_key if wrapped_key is None else wrapped_key
     ciphertext = bytes(sealed.ciphertext) if chunks is None else b"".join(chunks)
-    signature = sign(key, SIGN_CONTEXT, signed_message(header_json, wrapped_key, hashlib.sha256(ciphertext).digest()))
-    return SealedDelta(SealedHeader.from_bytes(header_json), header_json, wrapped_key, signature, ciphertext)
+    header = SealedHeader.from_bytes(header_json)
+    signature = sign(key, PREAMBLE_CONTEXT, preamble_message(header_json, wrapped_key))
+    bad = SealedDelta(header, header_json, wrapped_key, signature, ciphertext, b"")
+    bad.trailer = sign(key, TRAILER_CONTEXT, trailer_message(header_json, wrapped_key, bad.tags_digest()))
+    return bad
 
 
 def with_header(sealed: SealedDelta, **changes: object) -> bytes:
@@ -154,11 +186,14 @@ def wire(tmp_path: Path, bundle_dir: tuple[Path, Ed25519PrivateKey]) -> Iterator
     owners = {name: Ed25519PrivateKey.generate() for name in ("alice", "bob", "carol")}
     server = start_server(tmp_path / "state", signing_key=key, insecure=True)
     populate(server.storage, bundle, key, owners)
-    client = CoordinatorClient(server.address, coordinator_key=key.public_key(), insecure=True, backoff_s=0.05)
+    client = CoordinatorClient(server.address, coordinator_key=key.public_key(), owner_key=owners["alice"],
+                               owner_id="alice", insecure=True, backoff_s=0.05)
     channel = grpc.insecure_channel(server.address)
+    wire = Wire(server, key, owners, client, CoordinatorStub(channel), channel, {"alice": client})
     try:
-        yield Wire(server, key, owners, client, CoordinatorStub(channel), channel)
+        yield wire
     finally:
         channel.close()
-        client.close()
+        for each in wire.clients.values():
+            each.close()
         server.stop()

@@ -36,19 +36,29 @@ def _remote_failure(error: BaseException) -> tuple[str, ExitCode]:
     return describe(error)
 
 
-def _client(coordinator: str, coordinator_key: Path, ca_cert: Path | None, insecure: bool) -> CoordinatorClient:
+OwnerIdOption = Annotated[str | None, typer.Option(help="Owner id (default: the key id).")]
+OwnerKeyOption = Annotated[Path | None, typer.Option("--key", help="Owner signing key (default: "
+                                                                  "$OFFSITE_HOME/client/owner.key).")]
+
+
+def _client(coordinator: str, coordinator_key: Path, ca_cert: Path | None, insecure: bool, key: Path | None,
+            owner_id: str | None) -> CoordinatorClient:
+    """A client whose every call is signed with the owner's key."""
     if not insecure and ca_cert is None:
         fail("give --ca-cert (TLS) or --insecure (plain text on localhost)")
     return CoordinatorClient(coordinator, coordinator_key=crypto.load_public_key(coordinator_key),
-                             root_certificates=ca_cert.read_bytes() if ca_cert else None, insecure=insecure)
+                             owner_key=crypto.load_private_key(key or default_client_dir() / OWNER_KEY),
+                             owner_id=owner_id, root_certificates=ca_cert.read_bytes() if ca_cert else None,
+                             insecure=insecure)
 
 
 def join(coordinator: CoordinatorOption, job: JobOption, coordinator_key: CoordinatorKeyOption,
          out: Annotated[Path, typer.Option(help="Where to keep the job's bundle.")] = Path("offsite-job"),
+         owner_id: OwnerIdOption = None, key: OwnerKeyOption = None,
          ca_cert: CaOption = None, insecure: InsecureOption = False) -> None:
     """Fetch and verify the signed job manifest and the bundle (resumes a partial download)."""
     try:
-        with _client(coordinator, coordinator_key, ca_cert, insecure) as client:
+        with _client(coordinator, coordinator_key, ca_cert, insecure, key, owner_id) as client:
             info = client.get_job(job)
             bundle = client.download_bundle(info, out)
     except (grpc.RpcError, TransportError, ManifestError, BundleError, crypto.KeyFileError) as error:
@@ -63,17 +73,15 @@ def submit(delta: Annotated[Path, typer.Argument(help="The adapter delta as .saf
            coordinator: CoordinatorOption, job: JobOption, coordinator_key: CoordinatorKeyOption,
            round: Annotated[int, typer.Option("--round", help="Round number.")],
            num_examples: Annotated[int, typer.Option(help="Training examples behind the delta (its weight).")],
-           owner_id: Annotated[str | None, typer.Option(help="Owner id (default: the key id).")] = None,
+           owner_id: OwnerIdOption = None,
            upload_id: Annotated[str | None, typer.Option(help="Upload id (default: random); reuse it to retry: the "
                                                               "sealed bytes are kept as DELTA.<id>.sealed.")]
            = None,
-           key: Annotated[Path | None, typer.Option(help="Owner signing key (default: $OFFSITE_HOME/client/"
-                                                         "owner.key).")] = None,
+           key: OwnerKeyOption = None,
            ca_cert: CaOption = None, insecure: InsecureOption = False) -> None:
     """Seal the delta to the coordinator's key, sign it, and upload it; print the signed receipt."""
     try:
-        owner_key = crypto.load_private_key(key or default_client_dir() / OWNER_KEY)
-        with _client(coordinator, coordinator_key, ca_cert, insecure) as client:
+        with _client(coordinator, coordinator_key, ca_cert, insecure, key, owner_id) as client:
             info = client.get_job(job)
             upload_id = upload_id or uuid.uuid4().hex
             # The sealed bytes are kept, so a retry with the same upload id resends exactly them.
@@ -81,8 +89,8 @@ def submit(delta: Annotated[Path, typer.Argument(help="The adapter delta as .saf
             if kept.is_file():
                 sealed = read_sealed(kept)
             else:
-                sealed = client.seal(info, round, delta.read_bytes(), owner_key, num_examples, upload_id,
-                                     owner_id=owner_id)
+                sealed = client.seal(info, round, delta.read_bytes(), client.owner_key, num_examples, upload_id,
+                                     owner_id=client.owner_id)
                 sealed.write(kept)
             receipt = client.submit_sealed(sealed)
     except (grpc.RpcError, TransportError, ManifestError, crypto.KeyFileError, OSError, SealedDeltaError) as error:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from coordinator.cli.common import KeyOption, StateOption, console, fail, fail_with, state_dir
+from coordinator.keyring import DeltaKeyring
 from coordinator.server import start_server
 from protos import crypto
 
@@ -28,6 +29,7 @@ def serve(
     if tls_cert is None and not insecure:
         fail("give --tls-cert and --tls-key, or --insecure for plain text on localhost")
     try:
+        DeltaKeyring(state_dir(state)).current()  # a missing or wrong OFFSITE_KEY_PASSPHRASE fails here, not per call
         running = start_server(state_dir(state), port, host=host, tls_cert=tls_cert, tls_key=tls_key,
                                client_ca=client_ca, insecure=insecure and tls_cert is None, signing_key=key)
     except (crypto.KeyFileError, OSError) as error:

@@ -140,6 +140,8 @@ def setup(config: SimulateConfig) -> Setup:
         _owners(config, storage)
         for variant in variants:
             _job(config, storage, variant, key)
+            for owner in storage.store.owners():  # every simulated owner takes part in every job (idempotent)
+                storage.store.enroll(variant.job_id, owner.owner_id)
     finally:
         storage.close()
     return Setup(variants, str(full_dir), key, labels)

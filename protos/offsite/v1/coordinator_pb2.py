@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/offsite/v1/coordinator.proto\x12\noffsite.v1\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x11SignedJobManifest\x12\x15\n\rmanifest_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"K\n\x15\x44ownloadBundleRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"O\n\x0b\x42undleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\"M\n\x0eSealedPreamble\x12\x13\n\x0bheader_json\x18\x01 \x01(\x0c\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"]\n\x12SubmitDeltaRequest\x12.\n\x08preamble\x18\x01 \x01(\x0b\x32\x1a.offsite.v1.SealedPreambleH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"R\n\rSignedReceipt\x12\x14\n\x0creceipt_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x18\n\x10\x61lready_accepted\x18\x03 \x01(\x08\"6\n\x15GetRoundStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"}\n\x0bRoundStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x18\n\x10\x61\x63\x63\x65pted_uploads\x18\x05 \x01(\r\x12\x16\n\x0etotal_examples\x18\x06 \x01(\x04\x32\xbb\x02\n\x0b\x43oordinator\x12\x42\n\x06GetJob\x12\x19.offsite.v1.GetJobRequest\x1a\x1d.offsite.v1.SignedJobManifest\x12N\n\x0e\x44ownloadBundle\x12!.offsite.v1.DownloadBundleRequest\x1a\x17.offsite.v1.BundleChunk0\x01\x12J\n\x0bSubmitDelta\x12\x1e.offsite.v1.SubmitDeltaRequest\x1a\x19.offsite.v1.SignedReceipt(\x01\x12L\n\x0eGetRoundStatus\x12!.offsite.v1.GetRoundStatusRequest\x1a\x17.offsite.v1.RoundStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/offsite/v1/coordinator.proto\x12\noffsite.v1\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x11SignedJobManifest\x12\x15\n\rmanifest_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"K\n\x15\x44ownloadBundleRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"E\n\x0b\x42undleChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x04 \x01(\x04J\x04\x08\x03\x10\x04\"M\n\x0eSealedPreamble\x12\x13\n\x0bheader_json\x18\x01 \x01(\x0c\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\"\n\rSealedTrailer\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"\x8b\x01\n\x12SubmitDeltaRequest\x12.\n\x08preamble\x18\x01 \x01(\x0b\x32\x1a.offsite.v1.SealedPreambleH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12,\n\x07trailer\x18\x03 \x01(\x0b\x32\x19.offsite.v1.SealedTrailerH\x00\x42\x06\n\x04part\"R\n\rSignedReceipt\x12\x14\n\x0creceipt_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x18\n\x10\x61lready_accepted\x18\x03 \x01(\x08\"6\n\x15GetRoundStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"}\n\x0bRoundStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x18\n\x10\x61\x63\x63\x65pted_uploads\x18\x05 \x01(\r\x12\x16\n\x0etotal_examples\x18\x06 \x01(\x04\x32\xbb\x02\n\x0b\x43oordinator\x12\x42\n\x06GetJob\x12\x19.offsite.v1.GetJobRequest\x1a\x1d.offsite.v1.SignedJobManifest\x12N\n\x0e\x44ownloadBundle\x12!.offsite.v1.DownloadBundleRequest\x1a\x17.offsite.v1.BundleChunk0\x01\x12J\n\x0bSubmitDelta\x12\x1e.offsite.v1.SubmitDeltaRequest\x1a\x19.offsite.v1.SignedReceipt(\x01\x12L\n\x0eGetRoundStatus\x12!.offsite.v1.GetRoundStatusRequest\x1a\x17.offsite.v1.RoundStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,17 +38,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOWNLOADBUNDLEREQUEST']._serialized_start=147
   _globals['_DOWNLOADBUNDLEREQUEST']._serialized_end=222
   _globals['_BUNDLECHUNK']._serialized_start=224
-  _globals['_BUNDLECHUNK']._serialized_end=303
-  _globals['_SEALEDPREAMBLE']._serialized_start=305
-  _globals['_SEALEDPREAMBLE']._serialized_end=382
-  _globals['_SUBMITDELTAREQUEST']._serialized_start=384
-  _globals['_SUBMITDELTAREQUEST']._serialized_end=477
-  _globals['_SIGNEDRECEIPT']._serialized_start=479
-  _globals['_SIGNEDRECEIPT']._serialized_end=561
-  _globals['_GETROUNDSTATUSREQUEST']._serialized_start=563
-  _globals['_GETROUNDSTATUSREQUEST']._serialized_end=617
-  _globals['_ROUNDSTATUS']._serialized_start=619
-  _globals['_ROUNDSTATUS']._serialized_end=744
-  _globals['_COORDINATOR']._serialized_start=747
-  _globals['_COORDINATOR']._serialized_end=1062
+  _globals['_BUNDLECHUNK']._serialized_end=293
+  _globals['_SEALEDPREAMBLE']._serialized_start=295
+  _globals['_SEALEDPREAMBLE']._serialized_end=372
+  _globals['_SEALEDTRAILER']._serialized_start=374
+  _globals['_SEALEDTRAILER']._serialized_end=408
+  _globals['_SUBMITDELTAREQUEST']._serialized_start=411
+  _globals['_SUBMITDELTAREQUEST']._serialized_end=550
+  _globals['_SIGNEDRECEIPT']._serialized_start=552
+  _globals['_SIGNEDRECEIPT']._serialized_end=634
+  _globals['_GETROUNDSTATUSREQUEST']._serialized_start=636
+  _globals['_GETROUNDSTATUSREQUEST']._serialized_end=690
+  _globals['_ROUNDSTATUS']._serialized_start=692
+  _globals['_ROUNDSTATUS']._serialized_end=817
+  _globals['_COORDINATOR']._serialized_start=820
+  _globals['_COORDINATOR']._serialized_end=1135
 # @@protoc_insertion_point(module_scope)

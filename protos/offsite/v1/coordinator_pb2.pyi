@@ -95,24 +95,20 @@ class BundleChunk(_message.Message):
 
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    SHA256_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     data: _builtins.bytes
-    sha256: _builtins.bytes
-    """of data"""
     total_size: _builtins.int
     def __init__(
         self,
         *,
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
-        sha256: _builtins.bytes = ...,
         total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -126,11 +122,11 @@ class SealedPreamble(_message.Message):
     WRAPPED_KEY_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     header_json: _builtins.bytes
-    """canonical JSON of the sealed-delta header"""
+    """canonical JSON of the sealed-delta header (version 2)"""
     wrapped_key: _builtins.bytes
     """HPKE enc || sealed data key"""
     signature: _builtins.bytes
-    """owner Ed25519 over the header and the ciphertext digest"""
+    """owner Ed25519 over sha256(header) || sha256(wrapped key), "sealed-delta/v2/preamble" """
     def __init__(
         self,
         *,
@@ -147,25 +143,56 @@ class SealedPreamble(_message.Message):
 Global___SealedPreamble: _TypeAlias = SealedPreamble  # noqa: Y015
 
 @_typing.final
+class SealedTrailer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    signature: _builtins.bytes
+    """owner Ed25519 over sha256(header) || sha256(wrapped key) || sha256(every chunk's tag, in order),
+    "sealed-delta/v2/trailer"
+    """
+    def __init__(
+        self,
+        *,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedTrailer: _TypeAlias = SealedTrailer  # noqa: Y015
+
+@_typing.final
 class SubmitDeltaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PREAMBLE_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    TRAILER_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """ciphertext, in STREAM chunks (chunk_size + 16 bytes; other splits are accepted)"""
     @_builtins.property
-    def preamble(self) -> Global___SealedPreamble: ...
+    def preamble(self) -> Global___SealedPreamble:
+        """first, once"""
+
+    @_builtins.property
+    def trailer(self) -> Global___SealedTrailer:
+        """last, once"""
+
     def __init__(
         self,
         *,
         preamble: Global___SealedPreamble | None = ...,
         chunk: _builtins.bytes = ...,
+        trailer: Global___SealedTrailer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "part", b"part", "preamble", b"preamble"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "part", b"part", "preamble", b"preamble", "trailer", b"trailer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "part", b"part", "preamble", b"preamble"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "part", b"part", "preamble", b"preamble", "trailer", b"trailer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["preamble", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["preamble", "chunk", "trailer"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 

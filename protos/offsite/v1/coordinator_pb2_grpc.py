@@ -67,14 +67,16 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadBundle(self, request, context):
-        """The job's bundle as a tar, in chunks, from a byte offset (resumable).
+        """The job's bundle as a tar, in chunks, from a byte offset (resumable). Integrity: the signed job manifest's
+        bundle size and whole-tar sha256 (chunks carry no digest of their own).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SubmitDelta(self, request_iterator, context):
-        """A sealed delta: one preamble, then its ciphertext. Returns a signed receipt.
+        """A sealed delta (format v2, protos/sealed.py): one preamble, its ciphertext in chunks, one trailer. The
+        preamble is authenticated before any chunk is read. Returns a signed receipt.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

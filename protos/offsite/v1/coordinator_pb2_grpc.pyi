@@ -38,9 +38,13 @@ class CoordinatorStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetJobRequest, _coordinator_pb2.SignedJobManifest]
     """The signed job manifest: job id, current round, bundle digest, coordinator keys, limits."""
     DownloadBundle: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.DownloadBundleRequest, _coordinator_pb2.BundleChunk]
-    """The job's bundle as a tar, in chunks, from a byte offset (resumable)."""
+    """The job's bundle as a tar, in chunks, from a byte offset (resumable). Integrity: the signed job manifest's
+    bundle size and whole-tar sha256 (chunks carry no digest of their own).
+    """
     SubmitDelta: _grpc.StreamUnaryMultiCallable[_coordinator_pb2.SubmitDeltaRequest, _coordinator_pb2.SignedReceipt]
-    """A sealed delta: one preamble, then its ciphertext. Returns a signed receipt."""
+    """A sealed delta (format v2, protos/sealed.py): one preamble, its ciphertext in chunks, one trailer. The
+    preamble is authenticated before any chunk is read. Returns a signed receipt.
+    """
     GetRoundStatus: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetRoundStatusRequest, _coordinator_pb2.RoundStatus]
 
 @_typing.type_check_only
@@ -49,9 +53,13 @@ class CoordinatorAsyncStub(CoordinatorStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetJobRequest, _coordinator_pb2.SignedJobManifest]  # type: ignore[assignment]
     """The signed job manifest: job id, current round, bundle digest, coordinator keys, limits."""
     DownloadBundle: _aio.UnaryStreamMultiCallable[_coordinator_pb2.DownloadBundleRequest, _coordinator_pb2.BundleChunk]  # type: ignore[assignment]
-    """The job's bundle as a tar, in chunks, from a byte offset (resumable)."""
+    """The job's bundle as a tar, in chunks, from a byte offset (resumable). Integrity: the signed job manifest's
+    bundle size and whole-tar sha256 (chunks carry no digest of their own).
+    """
     SubmitDelta: _aio.StreamUnaryMultiCallable[_coordinator_pb2.SubmitDeltaRequest, _coordinator_pb2.SignedReceipt]  # type: ignore[assignment]
-    """A sealed delta: one preamble, then its ciphertext. Returns a signed receipt."""
+    """A sealed delta (format v2, protos/sealed.py): one preamble, its ciphertext in chunks, one trailer. The
+    preamble is authenticated before any chunk is read. Returns a signed receipt.
+    """
     GetRoundStatus: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetRoundStatusRequest, _coordinator_pb2.RoundStatus]  # type: ignore[assignment]
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -69,7 +77,9 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.DownloadBundleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.BundleChunk], _abc.AsyncIterator[_coordinator_pb2.BundleChunk]]:
-        """The job's bundle as a tar, in chunks, from a byte offset (resumable)."""
+        """The job's bundle as a tar, in chunks, from a byte offset (resumable). Integrity: the signed job manifest's
+        bundle size and whole-tar sha256 (chunks carry no digest of their own).
+        """
 
     @_abc_1.abstractmethod
     def SubmitDelta(
@@ -77,7 +87,9 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_coordinator_pb2.SubmitDeltaRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.SignedReceipt, _abc.Awaitable[_coordinator_pb2.SignedReceipt]]:
-        """A sealed delta: one preamble, then its ciphertext. Returns a signed receipt."""
+        """A sealed delta (format v2, protos/sealed.py): one preamble, its ciphertext in chunks, one trailer. The
+        preamble is authenticated before any chunk is read. Returns a signed receipt.
+        """
 
     @_abc_1.abstractmethod
     def GetRoundStatus(

@@ -1,0 +1,33 @@
+"""Who may call what: every RPC is authenticated (owner signature in metadata, fresh nonce, time window), and an
+owner may act only on jobs it is enrolled in. Authentication happens before any request payload is read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from coordinator.errors import AuthenticationError, CoordinatorError, NotEnrolledError
+from coordinator.state import Owner, StateStore
+from protos.request_auth import MAX_SKEW_S, RequestAuthError, parse_metadata
+
+
+@dataclass(frozen=True)
+class Caller:
+    owner: Owner
+    job_id: str  # the job the call is about: the owner is enrolled in it
+
+
+def authenticate(store: StateStore, metadata: Iterable[tuple[str, str | bytes]], method: str, now: float) -> Caller:
+    """The calling owner, approved and enrolled in the job its signed metadata names; else raise
+    :class:`AuthenticationError` (details for the log) or :class:`NotEnrolledError`."""
+    try:
+        auth = parse_metadata(metadata)
+        owner = store.approved_owner(auth.owner_id)
+        auth.verify(owner.public_key, method, now)
+    except (RequestAuthError, CoordinatorError) as error:
+        raise AuthenticationError(f"{method}: {error}") from error
+    if not store.use_nonce(owner.owner_id, auth.nonce, now, 2 * MAX_SKEW_S):
+        raise AuthenticationError(f"{method}: owner {owner.owner_id!r} replayed nonce {auth.nonce}")
+    if not store.is_member(auth.job_id, owner.owner_id):
+        raise NotEnrolledError(f"owner {owner.owner_id!r} is not enrolled in job {auth.job_id!r}")
+    return Caller(owner, auth.job_id)
