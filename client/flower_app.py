@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.owner import owner_data, train_round
+from client.receipts import save_receipt
 from client.settings import NODE_CONFIG_KEYS, OwnerSettings
 from client.transport import CoordinatorClient
 from emulator.methods import MethodConfig
@@ -73,6 +74,7 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
                                 show_progress=settings.progress)
         receipt = client.submit_delta(job, round_config.round, result.delta, owner_key,
                                       num_examples=result.num_examples)
+    save_receipt(settings.cache_dir / "receipts", receipt)  # for `offsite-client status --receipts`
     metrics = MetricRecord({"num-examples": result.num_examples, **result.metrics})
     reply = RecordDict({
         "receipt": ConfigRecord({"upload-id": receipt.upload_id, "owner-id": receipt.owner_id,

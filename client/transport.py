@@ -211,6 +211,8 @@ class CoordinatorClient:
         if (receipt.upload_id, receipt.job_id, receipt.round, receipt.owner_id, receipt.num_examples) != (
                 header.upload_id, header.job_id, header.round, header.owner_id, header.num_examples):
             raise TransportError("the receipt is for another upload")
+        if not hmac.compare_digest(receipt.blob_sha256, sealed.blob_id()):
+            raise TransportError("the receipt names another blob than the one sent")
         return receipt
 
     def round_status(self, job_id: str, round: int) -> RoundStatusInfo:

@@ -126,8 +126,10 @@ def reply_metrics(reply: Message) -> dict[str, float]:
 
 
 def aggregatable_uploads(store: StateStore, job_id: str, round_number: int) -> list[UploadRecord]:
-    """The round's accepted uploads whose owner is still approved now (revoked owners' deltas are skipped)."""
-    return [u for u in store.accepted_uploads(job_id, round_number) if store.owner(u.owner_id).status == "approved"]
+    """The round's accepted uploads whose owner is still approved and enrolled in the job now (a revoked or
+    removed owner's delta is skipped)."""
+    return [u for u in store.accepted_uploads(job_id, round_number)
+            if store.owner(u.owner_id).status == "approved" and store.is_member(job_id, u.owner_id)]
 
 
 def aggregate_round(storage: Storage, job_id: str, round_number: int,

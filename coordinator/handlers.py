@@ -53,7 +53,8 @@ def job_manifest(state: ServerState, job_id: str) -> SignedDocument:
         coordinator=KeyRef(key_id=key_id(coordinator_key), public_key=_b64(public_key_bytes(coordinator_key))),
         delta_key=KeyRef(key_id=x25519_key_id(delta_key), public_key=_b64(x25519_public_bytes(delta_key))),
         limits=Limits(max_upload_bytes=job.max_upload_bytes, max_plaintext_bytes=job.max_plaintext_bytes,
-                      chunk_size=job.chunk_size, max_delta_norm_ratio=repr(job.max_delta_norm_ratio)),
+                      chunk_size=job.chunk_size, max_delta_norm_ratio=repr(job.max_delta_norm_ratio),
+                      max_num_examples=job.max_num_examples),
         issued_at=now(),
     )
     return SignedDocument.create(manifest.to_json(), state.signing_key, JOB_MANIFEST_CONTEXT)

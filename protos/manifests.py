@@ -178,6 +178,7 @@ class Limits(Document):
     max_plaintext_bytes: int
     chunk_size: int
     max_delta_norm_ratio: str  # decimal string: signed data carries no floats
+    max_num_examples: int  # an upload claiming more examples is refused
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -37,7 +37,8 @@ JOB: dict[str, Any] = {
     "kind": "offsite-job-manifest", "job_id": "j", "round": 1, "round_state": "OPEN",
     "bundle": {"digest": "ab" * 32, "tar_sha256": "cd" * 32, "size": 10}, "adapter_spec": SPEC,
     "coordinator": {"key_id": "k", "public_key": "AA=="}, "delta_key": {"key_id": "d", "public_key": "AA=="},
-    "limits": {"max_upload_bytes": 1, "max_plaintext_bytes": 1, "chunk_size": 1, "max_delta_norm_ratio": "1.0"},
+    "limits": {"max_upload_bytes": 1, "max_plaintext_bytes": 1, "chunk_size": 1, "max_delta_norm_ratio": "1.0",
+               "max_num_examples": 10},
     "issued_at": "2026-11-26T00:00:00.000000Z",
 }
 

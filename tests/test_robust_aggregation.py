@@ -215,6 +215,7 @@ def test_a_malicious_owner_cannot_steer_the_round(wire: Wire, bundle_dir: tuple[
     attack_job(wire, bundle_dir[0], job, [*HONEST, "mallory"], aggregator=name, clip_norm=clip_norm,
                max_num_examples=CAP)
 
+    assert wire.client_of("mallory").get_job(job).limits.max_num_examples == CAP  # the signed manifest says so
     # A claim of 2**48 examples is refused at intake, naming the cap, before anything is written.
     greedy = wire.seal(attack, owner="mallory", job_id=job, upload_id="mallory-greedy", num_examples=GREEDY)
     with pytest.raises(grpc.RpcError) as refused:
@@ -249,6 +250,11 @@ def test_a_malicious_owner_cannot_steer_the_round(wire: Wire, bundle_dir: tuple[
     again, count = aggregate_round(wire.storage, job, 1, zero)
     assert count == 3
     assert all(torch.equal(again[k], honest_only[k]) for k in zero)
+    # Re-approved but removed from the job: still not aggregated.
+    wire.store.set_owner_status("mallory", "approved")
+    wire.store.unenroll(job, "mallory")
+    again, count = aggregate_round(wire.storage, job, 1, zero)
+    assert count == 3 and all(torch.equal(again[k], honest_only[k]) for k in zero)
 
 
 def test_job_defaults(wire: Wire) -> None:

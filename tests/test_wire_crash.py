@@ -143,6 +143,8 @@ def test_cli_owner_job_round_join_submit(tmp_path: Path, bundle_dir: tuple[Path,
                 "--upload-id", "cli-1"]
         assert "accepted: upload cli-1" in ok(client_app, *args)
         assert "already accepted" in ok(client_app, *args)
+        shown = ok(client_app, "status", *common)
+        assert "round 1: OPEN, 1 accepted upload(s), 12 examples" in shown and "cli-1" in shown
     finally:
         server.stop()
     assert "1 accepted upload(s), 12 examples" in ok(coordinator_app, "round", "status", "--job", "j1", "--round",

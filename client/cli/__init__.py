@@ -6,7 +6,7 @@ import typer
 
 from client.cli.bundle import bundle_app
 from client.cli.keys import keys_app
-from client.cli.wire import join, submit
+from client.cli.wire import join, status, submit
 
 app = typer.Typer(help="Offsite tuning, data owner's side: verify bundles, train, seal and submit deltas.",
                   no_args_is_help=True)
@@ -14,6 +14,7 @@ app.add_typer(bundle_app, name="bundle")
 app.add_typer(keys_app, name="keys")
 app.command("join")(join)
 app.command("submit")(submit)
+app.command("status")(status)
 
 
 def main() -> None:

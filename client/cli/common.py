@@ -14,6 +14,7 @@ from protos.files import offsite_home
 
 console = Console()
 OWNER_KEY, OWNER_PUB = "owner.key", "owner.pub"
+RECEIPTS_DIR = "receipts"  # under $OFFSITE_HOME/client: one JSON per accepted upload, by job
 
 CoordinatorOption = Annotated[str, typer.Option("--coordinator", help="Coordinator address HOST:PORT.")]
 CoordinatorKeyOption = Annotated[Path, typer.Option(help="The coordinator's public key (coordinator.pub), pinned.")]

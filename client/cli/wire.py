@@ -9,9 +9,11 @@ from typing import Annotated
 
 import grpc
 import typer
+from rich.table import Table
 
 from client.cli.common import (
     OWNER_KEY,
+    RECEIPTS_DIR,
     CaOption,
     CoordinatorKeyOption,
     CoordinatorOption,
@@ -21,6 +23,7 @@ from client.cli.common import (
     default_client_dir,
     fail,
 )
+from client.receipts import load_receipts, save_receipt
 from client.transport import CoordinatorClient, TransportError
 from protos import crypto
 from protos.bundle import BundleError
@@ -93,9 +96,37 @@ def submit(delta: Annotated[Path, typer.Argument(help="The adapter delta as .saf
                                      owner_id=client.owner_id)
                 sealed.write(kept)
             receipt = client.submit_sealed(sealed)
+        save_receipt(default_client_dir() / RECEIPTS_DIR, receipt)
     except (grpc.RpcError, TransportError, ManifestError, crypto.KeyFileError, OSError, SealedDeltaError) as error:
         detail, code = _remote_failure(error)
         fail(f"{detail} (retry with --upload-id {upload_id})" if upload_id else detail, code)
     state = "already accepted" if receipt.already_accepted else "accepted"
     console.print(f"{state}: upload {receipt.upload_id}, blob {receipt.blob_sha256[:16]}, "
                   f"{receipt.num_examples} examples", highlight=False)
+
+
+def status(coordinator: CoordinatorOption, job: JobOption, coordinator_key: CoordinatorKeyOption,
+           owner_id: OwnerIdOption = None, key: OwnerKeyOption = None,
+           receipts: Annotated[Path | None, typer.Option(help="Saved receipts (default: $OFFSITE_HOME/client/"
+                                                              "receipts; a SuperNode's: CACHE/receipts).")] = None,
+           ca_cert: CaOption = None, insecure: InsecureOption = False) -> None:
+    """Show the job (its latest round and bundle), that round's progress, and this owner's saved receipts."""
+    try:
+        with _client(coordinator, coordinator_key, ca_cert, insecure, key, owner_id) as client:
+            info = client.get_job(job)
+            progress = client.round_status(job, info.round) if info.round else None
+    except (grpc.RpcError, TransportError, ManifestError, crypto.KeyFileError) as error:
+        fail(*_remote_failure(error))
+    console.print(f"job {info.job_id}: round {info.round} ({info.round_state}), bundle {info.bundle_digest[:16]}, "
+                  f"{len(info.adapter_spec.tensors)} adapter tensors, at most {info.limits.max_num_examples} "
+                  f"examples per upload", highlight=False)
+    if progress is not None:
+        console.print(f"round {progress.round}: {progress.state}, {progress.accepted_uploads} accepted upload(s), "
+                      f"{progress.total_examples} examples", highlight=False)
+    table = Table(title=f"your receipts for job {job}")
+    for column in ("round", "upload id", "examples", "accepted at", "blob"):
+        table.add_column(column)
+    for receipt in load_receipts(receipts or default_client_dir() / RECEIPTS_DIR, job):
+        table.add_row(str(receipt.round), receipt.upload_id, str(receipt.num_examples), receipt.accepted_at,
+                      receipt.blob_sha256[:16])
+    console.print(table)
