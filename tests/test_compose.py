@@ -1,22 +1,29 @@
 """docker-compose.yml cannot run here (no Docker engine), so check it against the code: every command exists
 with every flag it passes, every port it publishes is the one its command listens on, every service it points
-at exists and listens where it is pointed, and every node-config key is one the ClientApp reads."""
+at exists and listens where it is pointed, and every node-config key is one the ClientApp reads.
+
+And against the deployment's security: TLS and SuperNode authentication on, no ``--insecure``, the SuperLink
+published on the host's loopback only, every mounted path one that ``offsite-coordinator deploy init`` writes,
+every file a command names present there, and no service able to read a key that is not its own."""
 
 from __future__ import annotations
 
 import shlex
 import subprocess
 import sys
-from pathlib import Path
+import tomllib
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
 import pytest
 import typer
 import yaml
+from typer.testing import CliRunner
 
 from client.flower_app import NODE_CONFIG_KEYS
 from coordinator.cli import app as coordinator_app
+from coordinator.federation import FederationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -68,7 +75,11 @@ def test_published_ports_are_the_ports_commands_listen_on(name: str) -> None:
         container_port = str(mapping).split(":")[-1]
         assert flag(command, "--port") == container_port, f"{name} publishes {mapping}"
     if "--port" in command:
-        assert flag(command, "--host") == "0.0.0.0", f"{name} must listen beyond the container's loopback"
+        if command[0] == "flower-supernode":  # its Runtime API has no authentication: not for other containers
+            assert flag(command, "--host") == "127.0.0.1", f"{name}'s Runtime API must stay on its loopback"
+            assert not service.get("ports"), f"{name} must publish nothing"
+        else:
+            assert flag(command, "--host") == "0.0.0.0", f"{name} must listen beyond the container's loopback"
 
 
 def test_references_point_at_listening_services() -> None:
@@ -96,3 +107,110 @@ def test_volumes_are_declared() -> None:
         for volume in service.get("volumes", []):
             source = str(volume).split(":")[0]
             assert source.startswith(("./", "/")) or source in declared, f"{name}: undeclared volume {source}"
+
+
+def node_config(service: dict[str, Any]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in shlex.split(flag(service["command"], "--node-config")))
+
+
+def supernode_names() -> list[str]:
+    return sorted(name for name, s in SERVICES.items() if s["command"][0] == "flower-supernode")
+
+
+def test_tls_and_node_authentication_everywhere() -> None:
+    for name, service in SERVICES.items():
+        command = service["command"]
+        assert not any("insecure" in word for word in command), f"{name} runs without TLS"
+    superlink = SERVICES["superlink"]["command"]
+    for option in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"):
+        assert option in superlink, f"superlink lacks {option}"
+    assert SERVICES["superlink"]["ports"] == ["127.0.0.1:8000:8000"], "the Control API has no login: loopback only"
+    coordinator = SERVICES["coordinator"]["command"]
+    assert "--tls-cert" in coordinator and "--tls-key" in coordinator
+    for name in supernode_names():
+        command = SERVICES[name]["command"]
+        assert "--root-certificates" in command and "--auth-supernode-private-key" in command, name
+        assert node_config(SERVICES[name]).get("root-cert"), f"{name} must reach the coordinator over TLS"
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `deploy init` writes, where docker-compose.yml expects it (./deploy beside the compose file)."""
+    root = tmp_path_factory.mktemp("compose")
+    result = CliRunner().invoke(coordinator_app, ["deploy", "init", "--out", str(root / "deploy"),
+                                                  "--owners", str(len(supernode_names()))])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def mounts(service: dict[str, Any]) -> list[tuple[str, PurePosixPath]]:
+    """(host path relative to the compose file, container path) of each bind mount."""
+    pairs = []
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        assert source.startswith("./deploy/"), f"{volume}: only parts of what deploy init writes are mounted"
+        pairs.append((source, PurePosixPath(target)))
+    return pairs
+
+
+def host_path(root: Path, service: dict[str, Any], container_path: str) -> Path:
+    """The file behind ``container_path`` in ``service``, through its mounts (the deepest mount wins)."""
+    path = PurePosixPath(container_path)
+    best = max(((source, target) for source, target in mounts(service) if path == target or target in path.parents),
+               key=lambda pair: len(pair[1].parts), default=None)
+    assert best is not None, f"{container_path} is not mounted"
+    source, target = best
+    return root / source / path.relative_to(target)
+
+
+def visible_files(root: Path, service: dict[str, Any]) -> set[str]:
+    """Every file of the deploy-init tree this service can read, relative to the compose file's directory."""
+    seen = set()
+    for source, _ in mounts(service):
+        path = root / source
+        assert path.exists(), f"{source} is mounted but deploy init does not write it"
+        for file in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
+            seen.add(file.relative_to(root).as_posix())
+    return seen
+
+
+FILE_FLAGS = ("--state", "--tls-cert", "--tls-key", "--key", "--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile",
+              "--root-certificates", "--auth-supernode-private-key")
+
+
+def test_every_mount_and_named_file_is_written_by_deploy_init(deployed: Path) -> None:
+    for name, service in SERVICES.items():
+        visible_files(deployed, service)
+        command = service["command"]
+        for option in FILE_FLAGS:
+            if option in command:
+                assert host_path(deployed, service, flag(command, option)).exists(), f"{name} {option}"
+        if command[0] == "flower-supernode":
+            settings = node_config(service)
+            for key in ("root-cert", "coordinator-key", "owner-key"):
+                assert host_path(deployed, service, settings[key]).is_file(), f"{name} {key}"
+            assert host_path(deployed, service, settings["cache-dir"]).parent.is_dir()
+    run_config = tomllib.loads((deployed / "deploy" / "run.toml").read_text())
+    federation = FederationSettings.from_config(run_config)  # the ServerApp runs in the superlink container
+    assert host_path(deployed, SERVICES["superlink"], str(federation.state_dir)).is_dir()
+    assert host_path(deployed, SERVICES["superlink"], str(federation.checkpoint_dir)).is_dir()
+    assert federation.min_replies == len(supernode_names())
+
+
+def test_no_service_reads_a_key_that_is_not_its_own(deployed: Path) -> None:
+    everything = {p.relative_to(deployed).as_posix() for p in deployed.rglob("*") if p.is_file()}
+    assert "deploy/ca/ca.key" in everything
+    for name, service in SERVICES.items():
+        files = visible_files(deployed, service)
+        assert not any(f.startswith("deploy/ca/") for f in files), f"{name} can read the CA key"
+        if service["command"][0] == "flower-supernode":
+            own = f"deploy/owner-{node_config(service)['partition-id']}/"
+            assert ("./" + own.rstrip("/"), PurePosixPath("/owner")) in mounts(service), name
+            others = sorted(f for f in files if not f.startswith(own))
+            assert not others, f"{name} reads {others}"
+        else:
+            assert not any(f.startswith("deploy/owner-") for f in files), f"{name} reads an owner's directory"
+    superlink = visible_files(deployed, SERVICES["superlink"])
+    assert not any(f.startswith(("deploy/coordinator/keys/", "deploy/coordinator/tls/")) for f in superlink)
+    coordinator = visible_files(deployed, SERVICES["coordinator"])
+    assert not any(f.startswith("deploy/superlink/") for f in coordinator)

@@ -1,5 +1,10 @@
 """End to end in deployment mode: flower-superlink and two flower-supernode processes on localhost, the
-coordinator's gRPC service, and `flwr run` of this app for two rounds. Deltas travel sealed over gRPC."""
+coordinator's gRPC service, and `flwr run` of this app for two rounds. Deltas travel sealed over gRPC.
+
+Deployed as docker-compose.yml does: TLS on every connection (certificates from a private CA made by
+``coordinator.deploy``, as ``offsite-coordinator deploy init`` makes them), no ``--insecure`` anywhere, and the
+SuperLink admits only SuperNodes whose key was registered with ``flwr supernode register``. A third SuperNode with
+an unregistered key (and an owner identity the coordinator would accept) is refused and never submits a delta."""
 
 from __future__ import annotations
 
@@ -17,10 +22,13 @@ from safetensors.torch import load_file
 
 from coordinator.blobs import BlobStore
 from coordinator.demo_data import demo_dataset
+from coordinator.deploy import CertificateAuthority, pem_certificate, pem_private_key, supernode_auth_key
 from coordinator.progress import Progress, checkpoint_path
 from coordinator.server import start_server
 from coordinator.simulate import SimulateConfig, setup
 from coordinator.state import StateStore
+from protos import crypto
+from protos.files import atomic_write
 from protos.round_config import RoundConfig
 from tests.models import subset, tiny_classifier_dir
 
@@ -71,34 +79,67 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
     prepared = setup(config)  # bundle, owners approved, job created, initial global adapter checkpointed
     variant = prepared.variants[0]
     job_id, checkpoints = variant.job_id, variant.checkpoints(work)
-    server = start_server(work / "state", 0, insecure=True, signing_key=prepared.coordinator_key)
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONUNBUFFERED": "1"}
+    tls = tmp_path / "tls"
+    ca = CertificateAuthority.create("offsite e2e CA")
+    atomic_write(tls / "ca.crt", pem_certificate(ca.cert))
+    for name in ("superlink", "coordinator"):
+        cert, key = ca.issue_server(name, ["localhost", "127.0.0.1"])
+        atomic_write(tls / f"{name}.crt", pem_certificate(cert))
+        atomic_write(tls / f"{name}.key", pem_private_key(key), mode=0o600)
+    nodes = tmp_path / "node-keys"  # 0, 1: registered with the SuperLink; 2: never registered
+    for index in range(3):
+        private, public = supernode_auth_key()
+        atomic_write(nodes / f"node-{index}.key", private, mode=0o600)
+        atomic_write(nodes / f"node-{index}.pub", public)
+    server = start_server(work / "state", 0, tls_cert=tls / "coordinator.crt", tls_key=tls / "coordinator.key",
+                          signing_key=prepared.coordinator_key)
+    # The intruder's owner key is approved and enrolled: only the SuperLink's node authentication keeps it out.
+    intruder_key = crypto.generate_signing_key()
+    crypto.write_private_key(intruder_key, tmp_path / "intruder-owner.key")
+    intruder_id = crypto.key_id(intruder_key.public_key())
+    server.store.add_owner(intruder_id, intruder_key.public_key(), approved=True)
+    server.store.enroll(job_id, intruder_id)
+    owner_ids = {crypto.key_id(crypto.load_private_key(work / "owners" / f"owner-{i}.key").public_key())
+                 for i in range(2)}
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONUNBUFFERED": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     logs = tmp_path / "logs"
     logs.mkdir()
     try:
         superlink = free_port()
         (tmp_path / "superlink").mkdir()
         processes.append(subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--port", str(superlink),
-             "--disable-runtime-dependency-installation"],
+            [str(BIN / "flower-superlink"), "--port", str(superlink), "--ssl-ca-certfile", str(tls / "ca.crt"),
+             "--ssl-certfile", str(tls / "superlink.crt"), "--ssl-keyfile", str(tls / "superlink.key"),
+             "--enable-supernode-auth", "--disable-runtime-dependency-installation"],
             cwd=tmp_path / "superlink", env=env, stdout=open(logs / "superlink.log", "wb"), stderr=subprocess.STDOUT))
         wait_for_port(superlink)
-        for partition in range(2):
-            node_config = " ".join([
-                f"partition-id={partition}", "num-partitions=2", f'coordinator="{server.address}"', "insecure=true",
-                f'coordinator-key="{work / "keys" / "coordinator.pub"}"',
-                f'owner-key="{work / "owners" / f"owner-{partition}.key"}"',
-                f'cache-dir="{tmp_path / f"node-{partition}-cache"}"', f'train-file="{config.train_file}"',
-                "progress=false",
-            ])
-            processes.append(subprocess.Popen(
-                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink}",
-                 "--port", str(free_port()), "--node-config", node_config],
-                env=env, stdout=open(logs / f"supernode-{partition}.log", "wb"), stderr=subprocess.STDOUT))
-
         (tmp_path / "flwr-home").mkdir(exist_ok=True)
         (tmp_path / "flwr-home" / "config.toml").write_text(
-            f'[superlink.local]\naddress = "127.0.0.1:{superlink}"\ninsecure = true\n')
+            f'[superlink.local]\naddress = "127.0.0.1:{superlink}"\nroot-certificates = "{tls / "ca.crt"}"\n')
+        for index in range(2):
+            registered = subprocess.run(
+                [str(BIN / "flwr"), "supernode", "register", str(nodes / f"node-{index}.pub"), "local",
+                 "--name", f"owner-{index}"], env=env, capture_output=True, text=True, timeout=120)
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        supernodes: list[subprocess.Popen[bytes]] = []
+        for index in range(3):
+            partition = min(index, 1)
+            owner_key = work / "owners" / f"owner-{index}.key" if index < 2 else tmp_path / "intruder-owner.key"
+            node_config = " ".join([
+                f"partition-id={partition}", "num-partitions=2", f'coordinator="{server.address}"',
+                f'root-cert="{tls / "ca.crt"}"', f'coordinator-key="{work / "keys" / "coordinator.pub"}"',
+                f'owner-key="{owner_key}"', f'cache-dir="{tmp_path / f"node-{index}-cache"}"',
+                f'train-file="{config.train_file}"', "progress=false",
+            ])
+            supernodes.append(subprocess.Popen(
+                [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{superlink}",
+                 "--root-certificates", str(tls / "ca.crt"),
+                 "--auth-supernode-private-key", str(nodes / f"node-{index}.key"),
+                 "--port", str(free_port()), "--node-config", node_config],
+                env=env, stdout=open(logs / f"supernode-{index}.log", "wb"), stderr=subprocess.STDOUT))
+        processes.extend(supernodes)
+
         run_config = tmp_path / "run.toml"
         run_config.write_text("\n".join([
             f'state-dir = "{work / "state"}"', f'job-id = "{job_id}"', f'checkpoint-dir = "{checkpoints}"',
@@ -111,6 +152,7 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
         )
         output = run.stdout + run.stderr
         assert run.returncode == 0, output[-4000:]
+        intruder_log = (logs / "supernode-2.log").read_text(errors="replace")
     finally:
         server.stop()
 
@@ -123,10 +165,13 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
     for round_number in (1, 2):
         assert store.round_state(job_id, round_number) == "AGGREGATED"
         uploads = store.accepted_uploads(job_id, round_number)
-        assert len(uploads) == 2 and len({u.owner_id for u in uploads}) == 2
+        assert {u.owner_id for u in uploads} == owner_ids and len(uploads) == 2  # never the intruder's
         for upload in uploads:  # at rest the delta is ciphertext: no safetensors header, no tensor names
             blob = BlobStore(work / "state" / "blobs").path(upload.blob_sha256).read_bytes()
             assert b"encoder.layer" not in blob and b'"dtype"' not in blob
+    # The SuperLink refused the unregistered SuperNode's key: Flower's exit code 305 (cannot connect).
+    assert "Failed to activate SuperNode" in intruder_log and "305" in intruder_log, intruder_log[-2000:]
+    assert supernodes[2].poll() is not None, "the unregistered SuperNode is still running"
     initial = load_file(str(checkpoint_path(checkpoints, 0)))
     final = load_file(str(checkpoint_path(checkpoints, 2)))
     changed = [name for name in initial if not (initial[name] == final[name]).all()]

@@ -1,4 +1,4 @@
-"""``offsite-client join | submit``: the data owner's side of the wire."""
+"""``offsite-client join | submit | status``: the data owner's side of the wire."""
 
 from __future__ import annotations
 

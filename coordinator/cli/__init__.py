@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from coordinator.cli.delta_key import delta_key_app
+from coordinator.cli.deploy import deploy_app
 from coordinator.cli.emulator import emulator_app
 from coordinator.cli.jobs import job_app
 from coordinator.cli.keys import keys_app
@@ -25,6 +26,7 @@ app.add_typer(owners_app, name="owners")
 app.add_typer(job_app, name="job")
 app.add_typer(round_app, name="round")
 app.add_typer(delta_key_app, name="delta-key")
+app.add_typer(deploy_app, name="deploy")
 
 
 def main() -> None:
