@@ -23,6 +23,7 @@ from protos import crypto
 from protos.bundle import BundleError, VerifiedBundle, verify_bundle_dir
 from protos.messages import JobInfo
 from protos.round_config import RoundConfig
+from protos.round_message import MESSAGE_KEY, SIGNATURE_KEY, RoundMessage, RoundMessageError, verify_round_message
 
 __all__ = ["NODE_CONFIG_KEYS", "app", "make_client_app"]
 
@@ -46,11 +47,31 @@ def ensure_bundle(client: CoordinatorClient, job: JobInfo, cache_dir: Path,
     return client.download_bundle(job, target)
 
 
+def verify_train_message(msg: Message, coordinator_key: Ed25519PublicKey,
+                         job_id: str) -> tuple[RoundConfig, dict[str, torch.Tensor], RoundMessage]:
+    """The round config and global adapter of a train message, once the coordinator's signed round message it
+    carries verifies with the pinned key and names this job, this round, this config and this adapter's digest;
+    :class:`RoundMessageError` otherwise (the owner then trains nothing and submits nothing)."""
+    config = msg.content.config_records.get("config")
+    arrays = msg.content.array_records.get("global")
+    if config is None or arrays is None:
+        raise RoundMessageError("the train message has no 'config' or no 'global' record")
+    message, signature = config.get(MESSAGE_KEY), config.get(SIGNATURE_KEY)
+    if not isinstance(message, bytes) or not isinstance(signature, bytes) or not message or not signature:
+        raise RoundMessageError("the train message carries no signed round message")
+    round_config = RoundConfig.from_config({k: v for k, v in config.items() if k not in (MESSAGE_KEY, SIGNATURE_KEY)})
+    adapter = arrays.to_torch_state_dict()
+    verified = verify_round_message(coordinator_key, message, signature, job_id=job_id, config=round_config,
+                                    adapter=adapter)
+    return round_config, adapter, verified
+
+
 def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     settings = settings_of(context, overrides)
-    round_config = RoundConfig.from_config(dict(msg.content.config_records["config"]))
     torch.set_num_threads(settings.threads)
     coordinator_key = crypto.load_public_key(settings.coordinator_key)
+    # before anything else: a message the coordinator's key does not vouch for is refused (the reply is an error)
+    round_config, global_adapter, _ = verify_train_message(msg, coordinator_key, settings.job_id)
     owner_key = crypto.load_private_key(settings.key_path)
     with CoordinatorClient(
         settings.coordinator,
@@ -68,7 +89,6 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
         )
         # each owner and round draws its own batches and dropout
         seed = round_config.seed + 7919 * settings.partition_id + round_config.round
-        global_adapter = msg.content.array_records["global"].to_torch_state_dict()
         result, _ = train_round(bundle, global_adapter, train_examples, val_examples,
                                 MethodConfig.from_round(round_config), TrainConfig.from_round(round_config, seed=seed),
                                 show_progress=settings.progress)

@@ -9,8 +9,11 @@ authentication key) plus the public files every owner needs (``ca.crt``, ``coord
     certs/ca.crt                the CA certificate (public)
     coordinator/tls/            coordinator.crt, coordinator.key: the coordinator's gRPC service
     coordinator/keys/           coordinator.key (0600), coordinator.pub: the coordinator's signing key pair
-    coordinator/state/          the coordinator's state: owners registered and approved
-    coordinator/checkpoints/    the ServerApp's checkpoints (``checkpoint-dir``)
+    coordinator/state/          the coordinator's state: owners registered and approved, the admin key's public half
+                                in ``state/admin/`` (the only key its admin calls OpenRound/AggregateRound accept)
+    coordinator/checkpoints/    the round checkpoints the coordinator's service writes (``serve --checkpoints``)
+    serverapp/                  admin.key (0600), admin.pub, coordinator.pub: all the ServerApp (in the SuperLink
+                                container) holds, besides ``certs/ca.crt``
     superlink/                  superlink.crt, superlink.key: the SuperLink's TLS certificate
     owner-N/                    owner.key (0600), owner.pub, supernode.key (0600), supernode.pub, ca.crt,
                                 coordinator.pub
@@ -36,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from coordinator.errors import InvalidSettingError
-from coordinator.paths import PUBLIC_KEY_FILE, init_keys
+from coordinator.paths import PUBLIC_KEY_FILE, init_admin_key, init_keys
 from coordinator.storage import Storage
 from protos import crypto
 from protos.errors import OutputExistsError
@@ -47,6 +50,9 @@ CERT_DAYS = 365
 # Where docker-compose.yml mounts the deployment's parts inside the containers; run.toml names these paths.
 CONTAINER_STATE_DIR = "/coordinator/state"
 CONTAINER_CHECKPOINT_DIR = "/coordinator/checkpoints"
+CONTAINER_SERVERAPP_DIR = "/serverapp"  # the superlink container: admin.key, coordinator.pub
+CONTAINER_CA_CERT = "/certs/ca.crt"
+COORDINATOR_ADDRESS = "coordinator:50051"
 SUPERLINK_PORT = 8000
 CONNECTION_NAME = "compose"
 
@@ -181,8 +187,9 @@ def _run_config(job_id: str, rounds: int, min_replies: int) -> str:
     return "\n".join([
         "# The ServerApp's run config: flwr run . " + CONNECTION_NAME + " --run-config run.toml",
         "# Paths are inside the superlink container (docker-compose.yml mounts them there).",
-        f'state-dir = "{CONTAINER_STATE_DIR}"', f'job-id = "{job_id}"',
-        f'checkpoint-dir = "{CONTAINER_CHECKPOINT_DIR}/{job_id}"', f"num-server-rounds = {rounds}",
+        f'job-id = "{job_id}"', f'coordinator = "{COORDINATOR_ADDRESS}"',
+        f'admin-key = "{CONTAINER_SERVERAPP_DIR}/admin.key"', f'root-cert = "{CONTAINER_CA_CERT}"',
+        f'coordinator-key = "{CONTAINER_SERVERAPP_DIR}/{PUBLIC_KEY_FILE}"', f"num-server-rounds = {rounds}",
         f"min-replies = {min_replies}",
     ]) + "\n"
 
@@ -217,6 +224,8 @@ def init_deployment(out: Path, owners: int, *, hostname: str = "localhost", job_
                      ["superlink", *names])
     _, coordinator_pub = init_keys(out / "coordinator" / "keys")
     (out / "coordinator" / "checkpoints" / job_id).mkdir(parents=True)
+    init_admin_key(out / "coordinator" / "state", out / "serverapp" / "admin.key")
+    atomic_write(out / "serverapp" / PUBLIC_KEY_FILE, coordinator_pub.read_bytes())
 
     deployment = Deployment(out)
     storage = Storage.open(out / "coordinator" / "state")

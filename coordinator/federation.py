@@ -1,11 +1,13 @@
-"""The coordinator's rounds: open, send train messages, close, unseal + validate, aggregate, checkpoint, resume.
+"""The ServerApp's rounds: ask the coordinator's service to open a round, send the signed train messages, collect
+the replies, ask the service to aggregate, resume.
 
-Aggregation reads the deltas that the coordinator's own gRPC service accepted and stored (sealed), never the
-Flower replies: a reply only says which upload belongs to it. A restarted coordinator resumes after the last
-round it checkpointed and never counts a delta twice: each (job, round, owner) slot holds one upload, and a round
-is aggregated exactly once, from its stored uploads, before its checkpoint is written. Only owners still approved
-when the round is aggregated count; each delta is clipped to the job's ``clip_norm`` and combined with the job's
-aggregator (``emulator.aggregate``). A malformed reply is recorded as an error and never stops the round.
+This process holds no coordinator key and never touches the coordinator's state: it authenticates to the
+coordinator's service with an admin key (``coordinator.admin_client``), which opens each round and signs its round
+message (``protos.round_message``: the global adapter's sha256, the round and the round config), and which closes,
+unseals, validates, aggregates and checkpoints (``coordinator.round_service``). Aggregation reads the deltas the
+service accepted and stored (sealed), never the Flower replies: a reply only says which upload belongs to it. A
+restarted run resumes after the last round the service checkpointed and never counts a delta twice. A malformed
+reply is recorded as an error and never stops the round.
 """
 
 from __future__ import annotations
@@ -15,21 +17,19 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
-from safetensors.torch import load_file
 
-from coordinator.errors import CoordinatorError, InvalidSettingError, NotFoundError
-from coordinator.intake import open_accepted_upload
-from coordinator.progress import Progress, RoundRecord, checkpoint_path, save_checkpoint
-from coordinator.state import StateStore, UploadRecord
-from coordinator.storage import Storage
-from emulator.aggregate import AggregatorConfig, WeightedDelta, aggregate
+from coordinator.admin_client import AdminClient, RoundAggregated, RoundOpened
+from coordinator.errors import CoordinatorError, InvalidSettingError
+from coordinator.progress import Progress, RoundRecord
+from protos import crypto
 from protos.round_config import RoundConfig
+from protos.round_message import MESSAGE_KEY, SIGNATURE_KEY, RoundMessageError, verify_round_message
 
 console = Console(stderr=True)
 
@@ -40,9 +40,12 @@ class FederationError(CoordinatorError):
 
 @dataclass(frozen=True)
 class FederationSettings:
-    state_dir: Path
     job_id: str
-    checkpoint_dir: Path
+    coordinator: str  # HOST:PORT of the coordinator's gRPC service
+    admin_key: Path  # the admin key's private half (``offsite-coordinator admin-key init``)
+    coordinator_key: Path | None = None  # the pinned coordinator.pub: round messages are checked before sending
+    root_cert: Path | None = None  # CA of the coordinator's TLS certificate (None: the system roots)
+    insecure: bool = False  # plain text, meant for localhost (``simulate``)
     num_rounds: int = 2
     min_replies: int = 2
     round_timeout: float = 600.0
@@ -61,14 +64,20 @@ class FederationSettings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FederationSettings:
         """The ServerApp's settings from Flower's run config (``[tool.flwr.app.config]`` keys)."""
-        for key in ("state-dir", "checkpoint-dir", "job-id"):
+        for key in ("coordinator", "admin-key", "job-id"):
             if not str(config.get(key, "")):
                 raise InvalidSettingError(f"run config {key!r} is not set; pass it with flwr run --run-config")
         defaults = {f.name: f.default for f in fields(cls)}
+        insecure = config.get("insecure", False)
+        if not isinstance(insecure, bool):
+            raise InvalidSettingError(f"run config 'insecure' must be true or false, got {insecure!r}")
         return cls(
-            state_dir=Path(str(config["state-dir"])),
             job_id=str(config["job-id"]),
-            checkpoint_dir=Path(str(config["checkpoint-dir"])),
+            coordinator=str(config["coordinator"]),
+            admin_key=Path(str(config["admin-key"])),
+            coordinator_key=Path(str(config["coordinator-key"])) if str(config.get("coordinator-key", "")) else None,
+            root_cert=Path(str(config["root-cert"])) if str(config.get("root-cert", "")) else None,
+            insecure=insecure,
             num_rounds=int(config.get("num-server-rounds", defaults["num_rounds"])),
             min_replies=int(config.get("min-replies", defaults["min_replies"])),
             round_timeout=float(config.get("round-timeout", defaults["round_timeout"])),
@@ -77,9 +86,11 @@ class FederationSettings:
             training=RoundConfig.from_config(config),
         )
 
-    def to_config(self) -> dict[str, int | float | str]:
+    def to_config(self) -> dict[str, bool | int | float | str]:
         """The run config that :meth:`from_config` reads back."""
-        return {"state-dir": str(self.state_dir), "job-id": self.job_id, "checkpoint-dir": str(self.checkpoint_dir),
+        return {"job-id": self.job_id, "coordinator": self.coordinator, "admin-key": str(self.admin_key),
+                "coordinator-key": str(self.coordinator_key) if self.coordinator_key else "",
+                "root-cert": str(self.root_cert) if self.root_cert else "", "insecure": self.insecure,
                 "num-server-rounds": self.num_rounds, "min-replies": self.min_replies,
                 "round-timeout": self.round_timeout, "node-wait": self.node_wait, "on-abort": self.on_abort,
                 **{k: v for k, v in self.training.to_config().items() if k != "server-round"}}
@@ -95,9 +106,12 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def train_messages(grid: Grid, nodes: list[int], adapter: Mapping[str, torch.Tensor], training: RoundConfig,
-                   round_number: int) -> list[Message]:
+                   round_number: int, message: bytes = b"", signature: bytes = b"") -> list[Message]:
+    """One train message per node: the global adapter, the round config and the coordinator's signed round message
+    over both (``protos.round_message``), which each owner checks before it trains."""
     arrays = ArrayRecord({k: v.to(torch.float32) for k, v in adapter.items()})  # ArrayRecord refuses bf16
-    content: dict[str, Any] = dict(training.for_round(round_number).to_config())
+    content: dict[str, Any] = {**training.for_round(round_number).to_config(), MESSAGE_KEY: message,
+                               SIGNATURE_KEY: signature}
     return [
         Message(content=RecordDict({"global": arrays, "config": ConfigRecord(content)}), dst_node_id=node,
                 message_type=MessageType.TRAIN)
@@ -125,41 +139,6 @@ def reply_metrics(reply: Message) -> dict[str, float]:
     return values
 
 
-def aggregatable_uploads(store: StateStore, job_id: str, round_number: int) -> list[UploadRecord]:
-    """The round's accepted uploads whose owner is still approved and enrolled in the job now (a revoked or
-    removed owner's delta is skipped)."""
-    return [u for u in store.accepted_uploads(job_id, round_number)
-            if store.owner(u.owner_id).status == "approved" and store.is_member(job_id, u.owner_id)]
-
-
-def aggregate_round(storage: Storage, job_id: str, round_number: int,
-                    global_adapter: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """The round's deltas from approved owners, each clipped to the job's ``clip_norm``, combined by the job's
-    aggregator; returns the new global adapter and how many deltas it holds."""
-    job = storage.store.job(job_id)
-    uploads = aggregatable_uploads(storage.store, job_id, round_number)
-    deltas = [WeightedDelta(u.owner_id, u.num_examples, open_accepted_upload(storage, u)) for u in uploads]
-    config = AggregatorConfig(job.aggregator, clip_norm=job.clip_norm)
-    return aggregate(global_adapter, deltas, config), len(deltas)
-
-
-def round_state(store: StateStore, job_id: str, round_number: int) -> str | None:
-    try:
-        return store.round_state(job_id, round_number)
-    except NotFoundError:
-        return None
-
-
-def run_rounds(grid: Grid, settings: FederationSettings,
-               on_round: Callable[[int, dict[str, torch.Tensor]], dict[str, float]] | None = None) -> Progress:
-    """Run (or resume) the job's rounds; returns the progress record (one entry per round)."""
-    storage = Storage.open(settings.state_dir)
-    try:
-        return _run_rounds(grid, settings, storage, on_round)
-    finally:
-        storage.close()
-
-
 def _collect_replies(grid: Grid, messages: list[Message], timeout: float, record: RoundRecord) -> None:
     """Send the round's messages and record the replies; nothing a reply holds (or lacks) raises: a failed or
     malformed reply becomes an entry in ``record.errors``. Aggregation reads the stored uploads, never replies."""
@@ -181,45 +160,60 @@ def _collect_replies(grid: Grid, messages: list[Message], timeout: float, record
             record.errors.append(f"malformed reply from node {source}: {error}")
 
 
-def _run_rounds(grid: Grid, settings: FederationSettings, storage: Storage,
+class Rounds(Protocol):
+    """What the ServerApp asks of the coordinator's service (``AdminClient``; tests may serve it in-process)."""
+
+    def open_round(self, job_id: str, round_number: int, config: RoundConfig) -> RoundOpened: ...
+
+    def aggregate_round(self, job_id: str, round_number: int, min_deltas: int,
+                        report: RoundRecord | None = None) -> RoundAggregated: ...
+
+
+def run_rounds(grid: Grid, settings: FederationSettings,
+               on_round: Callable[[int, dict[str, torch.Tensor]], dict[str, float]] | None = None) -> Progress:
+    """Run (or resume) the job's rounds through the coordinator's service; returns this run's round records."""
+    root = settings.root_cert.read_bytes() if settings.root_cert else None
+    with AdminClient(settings.coordinator, crypto.load_private_key(settings.admin_key), root_certificates=root,
+                     insecure=settings.insecure, timeout_s=max(600.0, settings.round_timeout)) as client:
+        return _run_rounds(grid, settings, client, on_round)
+
+
+def _run_rounds(grid: Grid, settings: FederationSettings, rounds: Rounds,
                 on_round: Callable[[int, dict[str, torch.Tensor]], dict[str, float]] | None) -> Progress:
-    store = storage.store
-    directory = settings.checkpoint_dir
-    progress = Progress.load(directory)
-    start = progress.completed_round
-    adapter = load_file(str(checkpoint_path(directory, start)))
-    if start:
-        console.print(f"resuming job {settings.job_id} after round {start}")
-        if round_state(store, settings.job_id, start) == "CLOSED":  # checkpointed, not yet marked: a crash
-            store.mark_aggregated(settings.job_id, start)
-    for round_number in range(start + 1, settings.num_rounds + 1):
+    progress = Progress()
+    pinned = crypto.load_public_key(settings.coordinator_key) if settings.coordinator_key else None
+    for round_number in range(1, settings.num_rounds + 1):
+        training = settings.training.for_round(round_number)
+        opened = rounds.open_round(settings.job_id, round_number, training)
+        if opened.done:
+            progress.completed_round = round_number
+            continue
         record = RoundRecord(round=round_number)
-        if round_state(store, settings.job_id, round_number) is None:
-            store.open_round(settings.job_id, round_number)
-        if round_state(store, settings.job_id, round_number) == "OPEN":
+        report: RoundRecord | None = None
+        if opened.state == "OPEN":
+            if opened.adapter is None:
+                raise FederationError(f"round {round_number}: the coordinator sent no global adapter")
+            if pinned is not None:
+                try:
+                    verify_round_message(pinned, opened.message, opened.signature, job_id=settings.job_id,
+                                         config=training, adapter=opened.adapter)
+                except RoundMessageError as error:
+                    raise FederationError(f"round {round_number}: {error}") from error
             nodes = wait_for_nodes(grid, settings.min_replies, settings.node_wait)
             console.print(f"round {round_number}: training on {len(nodes)} data owners")
-            messages = train_messages(grid, nodes, adapter, settings.training, round_number)
+            messages = train_messages(grid, nodes, opened.adapter, settings.training, round_number, opened.message,
+                                      opened.signature)
             _collect_replies(grid, messages, settings.round_timeout, record)
-            store.close_round(settings.job_id, round_number)
-        uploads = aggregatable_uploads(store, settings.job_id, round_number)
-        if len(uploads) < settings.min_replies:
-            reason = f"{len(uploads)} accepted deltas, fewer than the minimum {settings.min_replies}"
-            if round_state(store, settings.job_id, round_number) != "ABORTED":
-                store.abort_round(settings.job_id, round_number, reason)
-            record.state, record.reason = "ABORTED", reason
-            console.print(f"[yellow]round {round_number} aborted:[/] {reason}")
-            progress.record(record)
-            save_checkpoint(directory, round_number, adapter, progress)
-            if settings.on_abort == "stop":
-                raise FederationError(f"round {round_number} aborted: {reason}")
-            continue
-        adapter, count = aggregate_round(storage, settings.job_id, round_number, adapter)
-        record.state, record.deltas = "AGGREGATED", count
-        if on_round is not None:
-            record.eval = on_round(round_number, adapter)
+            report = record
+        result = rounds.aggregate_round(settings.job_id, round_number, settings.min_replies, report)
+        record = result.record
         progress.record(record)
-        save_checkpoint(directory, round_number, adapter, progress)
-        store.mark_aggregated(settings.job_id, round_number)
-        console.print(f"round {round_number}: aggregated {count} sealed deltas")
+        if record.state == "ABORTED":
+            console.print(f"[yellow]round {round_number} aborted:[/] {record.reason}")
+            if settings.on_abort == "stop":
+                raise FederationError(f"round {round_number} aborted: {record.reason}")
+            continue
+        if on_round is not None:
+            record.eval = on_round(round_number, result.adapter)
+        console.print(f"round {round_number}: aggregated {record.deltas} sealed deltas")
     return progress

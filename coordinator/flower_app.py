@@ -1,8 +1,9 @@
 """The coordinator's Flower ServerApp (Message API): rounds as in :mod:`coordinator.federation`.
 
 Run config (``[tool.flwr.app.config]``, overridable with ``flwr run . --run-config``) names the coordinator's
-state directory, the job, the checkpoint directory and the owners' training settings; ``offsite-coordinator
-simulate`` passes the same keys in-process.
+service (``coordinator``, ``root-cert`` or ``insecure``, the pinned ``coordinator-key``), the admin key it signs
+its calls with, the job and the owners' training settings; ``offsite-coordinator simulate`` passes the same keys
+in-process. This process holds no coordinator key and never opens the coordinator's state.
 """
 
 from __future__ import annotations

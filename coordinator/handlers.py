@@ -3,24 +3,39 @@
 from __future__ import annotations
 
 import base64
+import json
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.access import Caller
-from coordinator.errors import MalformedRequestError, NotEnrolledError, OutOfRangeError
+from coordinator.access import AdminCaller, Caller
+from coordinator.errors import AuthenticationError, MalformedRequestError, NotEnrolledError, OutOfRangeError
 from coordinator.intake import receive_delta
 from coordinator.jobs import bundle_tar
+from coordinator.progress import RoundRecord
+from coordinator.round_service import RoundKeeper
 from coordinator.state import StateStore, now
 from coordinator.storage import Storage
 from protos import serde
 from protos.crypto import key_id, public_key_bytes
 from protos.delta_keys import x25519_key_id, x25519_public_bytes
+from protos.documents import DocumentError
 from protos.manifests import BundleRef, JobManifest, KeyRef, Limits
-from protos.messages import JOB_MANIFEST_CONTEXT, BundleChunkInfo, RoundStatusInfo, SignedDocument
+from protos.messages import (
+    JOB_MANIFEST_CONTEXT,
+    AggregatedRoundInfo,
+    BundleChunkInfo,
+    OpenedRoundInfo,
+    RoundStatusInfo,
+    SignedDocument,
+)
 from protos.offsite.v1 import coordinator_pb2 as pb
+from protos.round_config import RoundConfig, RoundConfigError
+from protos.round_message import adapter_bytes, adapter_sha256
 
 DEFAULT_BUNDLE_CHUNK = 1 << 20  # larger chunks measured slower over loopback gRPC
 MAX_BUNDLE_CHUNK = 16 << 20
@@ -31,10 +46,17 @@ class ServerState:
     storage: Storage
     signing_key: Ed25519PrivateKey
     clock: Callable[[], float] = time.time
+    checkpoint_root: Path | None = None  # each job's checkpoints in CHECKPOINT_ROOT/JOB_ID (default STATE/checkpoints)
+    rounds_lock: threading.Lock = field(default_factory=threading.Lock)  # one admin round call at a time
 
     @property
     def store(self) -> StateStore:
         return self.storage.store
+
+    @property
+    def rounds(self) -> RoundKeeper:
+        root = self.checkpoint_root if self.checkpoint_root is not None else self.storage.dir / "checkpoints"
+        return RoundKeeper(self.storage, self.signing_key, root)
 
 
 def _b64(raw: bytes) -> str:
@@ -110,3 +132,39 @@ def round_status(request: pb.GetRoundStatusRequest, state: ServerState, caller: 
     _same_job(request.job_id, caller)
     status, reason, uploads, examples = state.store.round_status(request.job_id, request.round)
     return serde.round_status_to_pb(RoundStatusInfo(request.job_id, request.round, status, reason, uploads, examples))
+
+
+# -- admin calls (the ServerApp) ------------------------------------------------------------------------------
+
+def _admin_job(requested: str, admin: AdminCaller) -> None:
+    if requested != admin.job_id:
+        raise AuthenticationError(f"admin key {admin.key_id!r} signed for job {admin.job_id!r}, asked for "
+                                  f"{requested!r}")
+
+
+def _document(raw: bytes, kind: type[RoundConfig] | type[RoundRecord], what: str) -> RoundConfig | RoundRecord:
+    try:
+        return kind.from_json(json.loads(raw), what)
+    except (ValueError, DocumentError, RoundConfigError) as error:
+        raise MalformedRequestError(f"{what} is not a valid document: {error}") from error
+
+
+def open_round(request: pb.OpenRoundRequest, state: ServerState, admin: AdminCaller) -> pb.OpenedRound:
+    _admin_job(request.job_id, admin)
+    config = _document(request.round_config_json, RoundConfig, "round_config_json")
+    assert isinstance(config, RoundConfig)
+    with state.rounds_lock:
+        opened = state.rounds.open_round(request.job_id, request.round, config)
+    return serde.opened_round_to_pb(OpenedRoundInfo(
+        opened.state, opened.done, opened.message, opened.signature,
+        adapter_bytes(opened.adapter) if opened.adapter is not None else b""))
+
+
+def aggregate_round(request: pb.AggregateRoundRequest, state: ServerState, admin: AdminCaller) -> pb.AggregatedRound:
+    _admin_job(request.job_id, admin)
+    report = _document(request.report_json, RoundRecord, "report_json") if request.report_json else None
+    assert report is None or isinstance(report, RoundRecord)
+    with state.rounds_lock:
+        result = state.rounds.aggregate_round(request.job_id, request.round, max(1, request.min_deltas), report)
+    return serde.aggregated_round_to_pb(AggregatedRoundInfo(
+        json.dumps(result.record.to_json()).encode(), adapter_bytes(result.adapter), adapter_sha256(result.adapter)))

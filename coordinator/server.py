@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError, Message
 
 from coordinator import errors, handlers
-from coordinator.access import Caller, authenticate
+from coordinator.access import AdminCaller, Caller, authenticate, authenticate_admin
 from coordinator.errors import InvalidSettingError
 from coordinator.keyring import UnknownDeltaKeyError
 from coordinator.paths import load_or_create_signing_key
@@ -111,6 +111,25 @@ class CoordinatorService:
     def _caller(self, context: grpc.ServicerContext, method: str) -> Caller:
         return authenticate(self.state.store, context.invocation_metadata(), method, self.state.clock())
 
+    def _admin(self, context: grpc.ServicerContext, method: str) -> AdminCaller:
+        return authenticate_admin(self.state.store, self.state.storage.dir, context.invocation_metadata(), method,
+                                  self.state.clock())
+
+    def OpenRound(self, request: pb.OpenRoundRequest | _Undecodable, context: grpc.ServicerContext) -> pb.OpenedRound:
+        try:
+            admin = self._admin(context, "OpenRound")
+            return handlers.open_round(_require(request), self.state, admin)
+        except Exception as error:  # noqa: BLE001
+            return _abort(context, error)
+
+    def AggregateRound(self, request: pb.AggregateRoundRequest | _Undecodable,
+                       context: grpc.ServicerContext) -> pb.AggregatedRound:
+        try:
+            admin = self._admin(context, "AggregateRound")
+            return handlers.aggregate_round(_require(request), self.state, admin)
+        except Exception as error:  # noqa: BLE001
+            return _abort(context, error)
+
     def GetJob(self, request: pb.GetJobRequest | _Undecodable, context: grpc.ServicerContext) -> pb.SignedJobManifest:
         try:
             caller = self._caller(context, "GetJob")
@@ -161,6 +180,10 @@ class CoordinatorService:
                 self.SubmitDelta, _lenient(pb.SubmitDeltaRequest), pb.SignedReceipt.SerializeToString),
             "GetRoundStatus": grpc.unary_unary_rpc_method_handler(
                 self.GetRoundStatus, _lenient(pb.GetRoundStatusRequest), pb.RoundStatus.SerializeToString),
+            "OpenRound": grpc.unary_unary_rpc_method_handler(
+                self.OpenRound, _lenient(pb.OpenRoundRequest), pb.OpenedRound.SerializeToString),
+            "AggregateRound": grpc.unary_unary_rpc_method_handler(
+                self.AggregateRound, _lenient(pb.AggregateRoundRequest), pb.AggregatedRound.SerializeToString),
         })
 
 
@@ -196,8 +219,9 @@ def _read(value: Path | bytes | None) -> bytes | None:
 def start_server(state_dir: Path, port: int = 0, *, host: str = "127.0.0.1", tls_cert: Path | bytes | None = None,
                  tls_key: Path | bytes | None = None, client_ca: Path | bytes | None = None, insecure: bool = False,
                  signing_key: Ed25519PrivateKey | Path | None = None,
-                 limits: TransferLimits | None = None) -> RunningServer:
+                 limits: TransferLimits | None = None, checkpoint_root: Path | None = None) -> RunningServer:
     """Start the service in this process; ``port=0`` picks a free port (see ``.port``). Stop with ``.stop()``.
+    Each job's round checkpoints live in ``checkpoint_root/JOB_ID`` (default ``STATE/checkpoints``).
 
     One thread per admitted call: ``limits.max_transfers`` for streams plus a reserve for unary calls; calls
     beyond that are refused at once (RESOURCE_EXHAUSTED) rather than queued behind stalled transfers."""
@@ -209,7 +233,7 @@ def start_server(state_dir: Path, port: int = 0, *, host: str = "127.0.0.1", tls
     else:
         key = load_or_create_signing_key(None)[0]
     storage = Storage.open(state_dir, recover=True)
-    state = handlers.ServerState(storage, key)
+    state = handlers.ServerState(storage, key, checkpoint_root=Path(checkpoint_root) if checkpoint_root else None)
     guard = TransferGuard(limits)
     server = grpc.server(ThreadPoolExecutor(max_workers=limits.workers), options=GRPC_OPTIONS,
                          maximum_concurrent_rpcs=limits.workers)

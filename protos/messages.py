@@ -126,3 +126,25 @@ class BundleChunkInfo:
     offset: int
     data: bytes
     total_size: int
+
+
+@dataclass(frozen=True)
+class OpenedRoundInfo:
+    """``OpenRound``'s answer: the round's state and, for an OPEN round, the coordinator's signed round message
+    (``protos.round_message``) and the global adapter it trains from (safetensors bytes)."""
+
+    state: str
+    done: bool
+    message: bytes = b""
+    signature: bytes = b""
+    adapter: bytes = b""
+
+
+@dataclass(frozen=True)
+class AggregatedRoundInfo:
+    """``AggregateRound``'s answer: the round's progress record (JSON), the new global adapter (safetensors bytes)
+    and its ``adapter_sha256``."""
+
+    record_json: bytes
+    adapter: bytes
+    adapter_sha256: str

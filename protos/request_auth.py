@@ -3,7 +3,9 @@
 Every call carries the owner's id, a timestamp, a random nonce and the owner's Ed25519 signature over the
 canonical JSON of ``(method, job, owner, time, nonce)`` under the context label ``rpc-request/v1``. The server
 checks the signature with the owner's registered key, the time against a window, and that the nonce is new
-(replays within the window are refused; older ones fail the time check). Pure functions: no I/O.
+(replays within the window are refused; older ones fail the time check). The coordinator's admin calls (the
+ServerApp's ``OpenRound`` and ``AggregateRound``) carry the same fields under ``admin-request/v1``, with a
+registered admin key's id in place of the owner id. Pure functions: no I/O.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from protos.errors import ProtocolError
 from protos.sealed_header import ID_PATTERN
 
 CONTEXT = "rpc-request/v1"
+ADMIN_CONTEXT = "admin-request/v1"  # the coordinator's admin calls: the admin key's id in place of the owner id
 OWNER, JOB, TIME, NONCE = "x-offsite-owner", "x-offsite-job", "x-offsite-time", "x-offsite-nonce"
 SIGNATURE = "x-offsite-signature-bin"
 KEYS = (OWNER, JOB, TIME, NONCE, SIGNATURE)
@@ -44,21 +47,22 @@ class RequestAuth:
         return canonical_json({"method": method, "job_id": self.job_id, "owner_id": self.owner_id,
                                "time": self.timestamp, "nonce": self.nonce})
 
-    def verify(self, public_key: Ed25519PublicKey, method: str, now: float) -> None:
+    def verify(self, public_key: Ed25519PublicKey, method: str, now: float, context: str = CONTEXT) -> None:
         """Raise :class:`RequestAuthError` unless the signature verifies and the time is within the window."""
         if abs(now - self.timestamp) > MAX_SKEW_S:
             raise RequestAuthError(f"request time {self.timestamp} is outside the {MAX_SKEW_S} s window")
         try:
-            verify(public_key, self.signature, CONTEXT, self.message(method))
+            verify(public_key, self.signature, context, self.message(method))
         except SignatureError as error:
             raise RequestAuthError("the request signature does not verify") from error
 
 
 def request_metadata(owner_key: Ed25519PrivateKey, owner_id: str, method: str, job_id: str,
-                     now: float) -> list[tuple[str, str | bytes]]:
-    """The metadata an owner attaches to one call of ``method`` about ``job_id``."""
+                     now: float, context: str = CONTEXT) -> list[tuple[str, str | bytes]]:
+    """The metadata an owner (or, with ``ADMIN_CONTEXT``, an admin key) attaches to one call of ``method`` about
+    ``job_id``."""
     auth = RequestAuth(owner_id, job_id, int(now), os.urandom(16).hex(), b"")
-    signature = sign(owner_key, CONTEXT, auth.message(method))
+    signature = sign(owner_key, context, auth.message(method))
     return [(OWNER, owner_id), (JOB, job_id), (TIME, str(auth.timestamp)), (NONCE, auth.nonce),
             (SIGNATURE, signature)]
 

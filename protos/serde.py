@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from protos.messages import BundleChunkInfo, RoundStatusInfo, SignedDocument
+from protos.messages import AggregatedRoundInfo, BundleChunkInfo, OpenedRoundInfo, RoundStatusInfo, SignedDocument
 from protos.offsite.v1 import coordinator_pb2 as pb
 from protos.sealed import SealedDelta, Trailer
 
@@ -33,6 +33,25 @@ def round_status_to_pb(status: RoundStatusInfo) -> pb.RoundStatus:
 def round_status_from_pb(message: pb.RoundStatus) -> RoundStatusInfo:
     return RoundStatusInfo(message.job_id, message.round, message.state, message.reason, message.accepted_uploads,
                            message.total_examples)
+
+
+def opened_round_to_pb(opened: OpenedRoundInfo) -> pb.OpenedRound:
+    return pb.OpenedRound(state=opened.state, done=opened.done, message_json=opened.message,
+                          signature=opened.signature, adapter=opened.adapter)
+
+
+def opened_round_from_pb(message: pb.OpenedRound) -> OpenedRoundInfo:
+    return OpenedRoundInfo(message.state, bool(message.done), bytes(message.message_json), bytes(message.signature),
+                           bytes(message.adapter))
+
+
+def aggregated_round_to_pb(result: AggregatedRoundInfo) -> pb.AggregatedRound:
+    return pb.AggregatedRound(record_json=result.record_json, adapter=result.adapter,
+                              adapter_sha256=result.adapter_sha256)
+
+
+def aggregated_round_from_pb(message: pb.AggregatedRound) -> AggregatedRoundInfo:
+    return AggregatedRoundInfo(bytes(message.record_json), bytes(message.adapter), message.adapter_sha256)
 
 
 def bundle_chunk_to_pb(chunk: BundleChunkInfo) -> pb.BundleChunk:

@@ -192,8 +192,16 @@ def test_every_mount_and_named_file_is_written_by_deploy_init(deployed: Path) ->
             assert host_path(deployed, service, settings["cache-dir"]).parent.is_dir()
     run_config = tomllib.loads((deployed / "deploy" / "run.toml").read_text())
     federation = FederationSettings.from_config(run_config)  # the ServerApp runs in the superlink container
-    assert host_path(deployed, SERVICES["superlink"], str(federation.state_dir)).is_dir()
-    assert host_path(deployed, SERVICES["superlink"], str(federation.checkpoint_dir)).is_dir()
+    superlink = SERVICES["superlink"]
+    for path in (federation.admin_key, federation.coordinator_key, federation.root_cert):
+        assert path is not None and host_path(deployed, superlink, str(path)).is_file(), path
+    assert not federation.insecure
+    host, port = federation.coordinator.split(":")  # the ServerApp reaches the coordinator's service
+    assert flag(SERVICES[host]["command"], "--port") == port and SERVICES[host]["command"][:2] == [
+        "offsite-coordinator", "serve"]
+    coordinator = SERVICES["coordinator"]
+    checkpoints = host_path(deployed, coordinator, flag(coordinator["command"], "--checkpoints"))
+    assert (checkpoints / federation.job_id).is_dir()
     assert federation.min_replies == len(supernode_names())
 
 
@@ -211,6 +219,8 @@ def test_no_service_reads_a_key_that_is_not_its_own(deployed: Path) -> None:
         else:
             assert not any(f.startswith("deploy/owner-") for f in files), f"{name} reads an owner's directory"
     superlink = visible_files(deployed, SERVICES["superlink"])
-    assert not any(f.startswith(("deploy/coordinator/keys/", "deploy/coordinator/tls/")) for f in superlink)
+    assert not any(f.startswith("deploy/coordinator/") for f in superlink), "the ServerApp sees no coordinator file"
+    assert "deploy/serverapp/admin.key" in superlink
+    assert not any(f.startswith("deploy/serverapp/") for f in visible_files(deployed, SERVICES["coordinator"]))
     coordinator = visible_files(deployed, SERVICES["coordinator"])
     assert not any(f.startswith("deploy/superlink/") for f in coordinator)

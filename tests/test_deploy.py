@@ -106,6 +106,13 @@ def test_coordinator_state_has_the_owners_approved(deployed: Path) -> None:
 def test_run_config_flower_config_and_register_script(deployed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = FederationSettings.from_config(tomllib.loads((deployed / "run.toml").read_text()))
     assert settings.min_replies == 3 and settings.num_rounds == 2 and settings.job_id == "job-1"
+    assert settings.coordinator == "coordinator:50051" and not settings.insecure and settings.root_cert is not None
+    # the ServerApp's admin key is registered with the coordinator's service; it holds no coordinator key
+    admin = crypto.load_private_key(deployed / "serverapp" / "admin.key").public_key()
+    assert mode(deployed / "serverapp" / "admin.key") == 0o600
+    registered = deployed / "coordinator" / "state" / "admin" / f"{crypto.key_id(admin)}.pub"
+    assert crypto.public_key_bytes(crypto.load_public_key(registered)) == crypto.public_key_bytes(admin)
+    assert sorted(p.name for p in (deployed / "serverapp").iterdir()) == ["admin.key", "admin.pub", "coordinator.pub"]
     monkeypatch.setenv("FLWR_HOME", str(deployed / "flwr"))
     connection = read_superlink_connection("compose")
     assert connection.address == "127.0.0.1:8000" and not connection.insecure

@@ -106,11 +106,16 @@ def test_the_flower_app_config_holds_the_round_config_defaults() -> None:
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     defaults = {k: v for k, v in RoundConfig().to_config().items() if k != "server-round"}
     assert {k: declared[k] for k in defaults} == defaults
-    settings = FederationSettings.from_config({**declared, "state-dir": "s", "checkpoint-dir": "c"})
+    settings = FederationSettings.from_config({**declared, "coordinator": "h:1", "admin-key": "a.key"})
     assert settings.training == RoundConfig() and settings.to_config()["job-id"] == declared["job-id"]
-    plain = FederationSettings(Path("s"), str(declared["job-id"]), Path("c"))  # the dataclass's own defaults
+    plain = FederationSettings(str(declared["job-id"]), "h:1", Path("a.key"))  # the dataclass's own defaults
     assert settings == plain
     assert FederationSettings.from_config(settings.to_config()) == settings
+    assert set(settings.to_config()) == set(declared)  # every key the ServerApp reads is declared, and no other
+    pinned = FederationSettings.from_config({**declared, "coordinator": "h:1", "admin-key": "a.key",
+                                             "coordinator-key": "c.pub", "root-cert": "ca.crt"})
+    assert (pinned.coordinator_key, pinned.root_cert) == (Path("c.pub"), Path("ca.crt"))
+    assert FederationSettings.from_config(pinned.to_config()) == pinned
 
 
 NODE = {"partition-id": 1, "num-partitions": 2, "coordinator": "h:1", "coordinator-key": "c.pub", "job-id": "j",

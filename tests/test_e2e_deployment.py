@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from coordinator.blobs import BlobStore
 from coordinator.demo_data import demo_dataset
 from coordinator.deploy import CertificateAuthority, pem_certificate, pem_private_key, supernode_auth_key
+from coordinator.paths import init_admin_key
 from coordinator.progress import Progress, checkpoint_path
 from coordinator.server import start_server
 from coordinator.simulate import SimulateConfig, setup
@@ -92,7 +93,9 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
         atomic_write(nodes / f"node-{index}.key", private, mode=0o600)
         atomic_write(nodes / f"node-{index}.pub", public)
     server = start_server(work / "state", 0, tls_cert=tls / "coordinator.crt", tls_key=tls / "coordinator.key",
-                          signing_key=prepared.coordinator_key)
+                          signing_key=prepared.coordinator_key, checkpoint_root=work / "checkpoints")
+    # The ServerApp holds only this admin key, ca.crt and coordinator.pub: never the state or a coordinator key.
+    init_admin_key(work / "state", tmp_path / "serverapp" / "admin.key")
     # The intruder's owner key is approved and enrolled: only the SuperLink's node authentication keeps it out.
     intruder_key = crypto.generate_signing_key()
     crypto.write_private_key(intruder_key, tmp_path / "intruder-owner.key")
@@ -142,7 +145,9 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
 
         run_config = tmp_path / "run.toml"
         run_config.write_text("\n".join([
-            f'state-dir = "{work / "state"}"', f'job-id = "{job_id}"', f'checkpoint-dir = "{checkpoints}"',
+            f'job-id = "{job_id}"', f'coordinator = "{server.address}"',
+            f'admin-key = "{tmp_path / "serverapp" / "admin.key"}"', f'root-cert = "{tls / "ca.crt"}"',
+            f'coordinator-key = "{work / "keys" / "coordinator.pub"}"',
             "num-server-rounds = 2", "min-replies = 2", "node-wait = 90.0", "round-timeout = 240.0",
             "lr = 0.001", "max-length = 32",
         ]) + "\n")

@@ -15,11 +15,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from coordinator.admin_client import RoundAggregated, RoundOpened
 from coordinator.cli import app as coordinator_app
 from coordinator.errors import InvalidSettingError
-from coordinator.federation import FederationSettings, _run_rounds, aggregate_round
+from coordinator.federation import FederationSettings, _run_rounds
 from coordinator.jobs import create_job
-from coordinator.progress import Progress, checkpoint_path
+from coordinator.progress import Progress, RoundRecord, checkpoint_path
+from coordinator.round_service import RoundKeeper, aggregate_round
 from coordinator.state import DEFAULT_MAX_NUM_EXAMPLES
 from coordinator.storage import Storage
 from emulator.aggregate import (
@@ -36,6 +38,7 @@ from emulator.aggregate import (
 )
 from emulator.errors import EmulatorError
 from protos.errors import ExitCode
+from protos.round_config import RoundConfig
 from tests.wire_support import CHUNK, SPEC, Wire, good_delta, reference
 
 pytest_plugins = ("tests.wire_support",)
@@ -296,6 +299,22 @@ def test_cli_job_create_refuses_them_as_bad_input(tmp_path: Path, offsite_home: 
 
 # --- replies never crash a round or leave it OPEN ----------------------------------------------------------------
 
+class InProcessRounds:
+    """The coordinator service's side of the admin calls, without gRPC (``AdminClient`` answers the same)."""
+
+    def __init__(self, keeper: RoundKeeper) -> None:
+        self.keeper = keeper
+
+    def open_round(self, job_id: str, round_number: int, config: RoundConfig) -> RoundOpened:
+        opened = self.keeper.open_round(job_id, round_number, config)
+        return RoundOpened(opened.state, opened.done, opened.message, opened.signature, opened.adapter)
+
+    def aggregate_round(self, job_id: str, round_number: int, min_deltas: int,
+                        report: RoundRecord | None = None) -> RoundAggregated:
+        result = self.keeper.aggregate_round(job_id, round_number, min_deltas, report)
+        return RoundAggregated(result.record, result.adapter)
+
+
 class ReplyGrid:
     """A Grid that answers each train message with the next canned reply."""
 
@@ -318,9 +337,10 @@ def test_malformed_replies_become_errors_and_the_round_is_closed(wire: Wire, tmp
     for owner, examples in (("alice", 5), ("bob", 6)):
         wire.submit(wire.seal(good_delta(), owner=owner, upload_id=f"{owner}-1", num_examples=examples))
     wire.store.set_owner_status("bob", "revoked")  # one approved delta left: fewer than min_replies
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
+    checkpoints = tmp_path / "checkpoints" / "jobA"
+    checkpoints.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in reference().items()}, str(checkpoint_path(checkpoints, 0)))
+    rounds = InProcessRounds(RoundKeeper(wire.storage, wire.key, tmp_path / "checkpoints"))
     good = RecordDict({"receipt": ConfigRecord({"upload-id": "x"}), "metrics": MetricRecord({"loss": 0.5})})
     grid = ReplyGrid(
         good,
@@ -330,9 +350,9 @@ def test_malformed_replies_become_errors_and_the_round_is_closed(wire: Wire, tmp
         RecordDict({"metrics": ArrayRecord({"x": torch.zeros(2)})}),  # a record of the wrong kind
         RecordDict({"metrics": MetricRecord({"loss": [0.1, 0.2]})}),  # not a number
     )
-    settings = FederationSettings(state_dir=tmp_path / "unused", job_id="jobA", checkpoint_dir=checkpoints,
+    settings = FederationSettings(job_id="jobA", coordinator="unused:1", admin_key=tmp_path / "unused",
                                   num_rounds=1, min_replies=2, round_timeout=1.0, node_wait=0.0)
-    progress = _run_rounds(grid, settings, wire.storage, None)  # type: ignore[arg-type]
+    progress = _run_rounds(grid, settings, rounds, None)  # type: ignore[arg-type]
     record = progress.rounds[0]
     assert (record.state, record.replies, record.owner_metrics) == ("ABORTED", 1, [{"loss": 0.5}])
     assert record.errors is not None and len(record.errors) == 5 and record.errors[0] == "owner crashed"
@@ -340,9 +360,9 @@ def test_malformed_replies_become_errors_and_the_round_is_closed(wire: Wire, tmp
     assert wire.store.round_state("jobA", 1) == "ABORTED"
     assert Progress.load(checkpoints).completed_round == 1
 
-    failing = FederationSettings(state_dir=tmp_path / "unused", job_id="jobA", checkpoint_dir=checkpoints,
+    failing = FederationSettings(job_id="jobA", coordinator="unused:1", admin_key=tmp_path / "unused",
                                  num_rounds=2, min_replies=1, round_timeout=1.0, node_wait=0.0)
-    record = _run_rounds(ReplyGrid(good, None), failing, wire.storage, None).rounds[-1]  # type: ignore[arg-type]
+    record = _run_rounds(ReplyGrid(good, None), failing, rounds, None).rounds[-1]  # type: ignore[arg-type]
     assert record.round == 2 and record.state == "ABORTED"  # round 2 was opened, sent, closed and aborted
     assert record.errors is not None and "went away" in record.errors[0]
     assert wire.store.round_state("jobA", 2) == "ABORTED"

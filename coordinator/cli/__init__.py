@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from coordinator.cli.admin_key import admin_key_app
 from coordinator.cli.delta_key import delta_key_app
 from coordinator.cli.deploy import deploy_app
 from coordinator.cli.emulator import emulator_app
@@ -26,6 +27,7 @@ app.add_typer(owners_app, name="owners")
 app.add_typer(job_app, name="job")
 app.add_typer(round_app, name="round")
 app.add_typer(delta_key_app, name="delta-key")
+app.add_typer(admin_key_app, name="admin-key")
 app.add_typer(deploy_app, name="deploy")
 
 

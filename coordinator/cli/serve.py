@@ -22,8 +22,11 @@ def serve(
     client_ca: Annotated[Path | None, typer.Option(help="CA for client certificates (mutual TLS).")] = None,
     insecure: Annotated[bool, typer.Option(help="Plain text, no TLS: meant for localhost only.")] = False,
     key: KeyOption = None,
+    checkpoints: Annotated[Path | None, typer.Option(help="Round checkpoints, one JOB_ID directory per job "
+                                                          "(default: STATE/checkpoints).")] = None,
 ) -> None:
-    """Serve GetJob, DownloadBundle, SubmitDelta and GetRoundStatus over gRPC (TLS unless --insecure)."""
+    """Serve GetJob, DownloadBundle, SubmitDelta and GetRoundStatus to data owners, and OpenRound and
+    AggregateRound to admin keys (the ServerApp), over gRPC (TLS unless --insecure)."""
     if (tls_cert is None) != (tls_key is None):
         fail("give both --tls-cert and --tls-key")
     if tls_cert is None and not insecure:
@@ -31,7 +34,8 @@ def serve(
     try:
         DeltaKeyring(state_dir(state)).current()  # a missing or wrong OFFSITE_KEY_PASSPHRASE fails here, not per call
         running = start_server(state_dir(state), port, host=host, tls_cert=tls_cert, tls_key=tls_key,
-                               client_ca=client_ca, insecure=insecure and tls_cert is None, signing_key=key)
+                               client_ca=client_ca, insecure=insecure and tls_cert is None, signing_key=key,
+                               checkpoint_root=checkpoints)
     except (crypto.KeyFileError, OSError) as error:
         fail_with(error)
     mode = "insecure (plain text)" if tls_cert is None else ("mutual TLS" if client_ca else "TLS")

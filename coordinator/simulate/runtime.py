@@ -23,6 +23,7 @@ from rich.console import Console
 from coordinator.errors import CoordinatorError
 from coordinator.federation import FederationSettings
 from coordinator.flower_app import make_server_app
+from coordinator.paths import ensure_admin_key
 from coordinator.progress import Progress
 from coordinator.server import start_server
 from coordinator.simulate.config import SimulateConfig
@@ -103,11 +104,14 @@ def federate(config: SimulateConfig, prepared: Setup, variant: Variant, *, verbo
     work = config.workdir
     quiet_libraries(verbose)
     start_ray(config.clients, verbose=verbose)
-    server = start_server(Setup.state_dir(work), 0, insecure=True, signing_key=prepared.coordinator_key)
+    ensure_admin_key(Setup.state_dir(work), Setup.admin_key(work))
+    server = start_server(Setup.state_dir(work), 0, insecure=True, signing_key=prepared.coordinator_key,
+                          checkpoint_root=Setup.checkpoint_root(work))
     try:
         settings = FederationSettings(
-            state_dir=Setup.state_dir(work), job_id=variant.job_id, checkpoint_dir=variant.checkpoints(work),
-            num_rounds=config.rounds, min_replies=config.replies_needed, round_timeout=config.round_timeout,
+            job_id=variant.job_id, coordinator=server.address, admin_key=Setup.admin_key(work),
+            coordinator_key=coordinator_public_key(work), insecure=True, num_rounds=config.rounds,
+            min_replies=config.replies_needed, round_timeout=config.round_timeout,
             node_wait=config.node_wait, training=config.training)
         console.print(f"federating job {variant.job_id}: {config.clients} data owners x {config.rounds} rounds "
                       f"on the {variant.name.replace('_', ' ')} emulator")

@@ -39,7 +39,7 @@ class Variant:
     bundle: VerifiedBundle
 
     def checkpoints(self, work: Path) -> Path:
-        return work / "checkpoints" / self.name
+        return Setup.checkpoint_root(work) / self.job_id  # where the coordinator's service keeps the job's rounds
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,14 @@ class Setup:
     @staticmethod
     def state_dir(work: Path) -> Path:
         return work / "state"
+
+    @staticmethod
+    def checkpoint_root(work: Path) -> Path:
+        return work / "checkpoints"
+
+    @staticmethod
+    def admin_key(work: Path) -> Path:
+        return work / "keys" / "admin.key"  # the ServerApp's admin key (registered in STATE/admin)
 
 
 def _prepare_full_model(config: SimulateConfig, full_dir: Path, labels: list[str] | None) -> None:

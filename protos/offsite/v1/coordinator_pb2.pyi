@@ -280,3 +280,123 @@ class RoundStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RoundStatus: _TypeAlias = RoundStatus  # noqa: Y015
+
+@_typing.final
+class OpenRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    ROUND_CONFIG_JSON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    round: _builtins.int
+    round_config_json: _builtins.bytes
+    """the RoundConfig (protos/round_config.py) the owners train with"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        round_config_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "round", b"round", "round_config_json", b"round_config_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenRoundRequest: _TypeAlias = OpenRoundRequest  # noqa: Y015
+
+@_typing.final
+class OpenedRound(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    MESSAGE_JSON_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    state: _builtins.str
+    """OPEN: send train messages; CLOSED or ABORTED: aggregate only; AGGREGATED: done"""
+    done: _builtins.bool
+    """the round is checkpointed already"""
+    message_json: _builtins.bytes
+    """canonical JSON {job_id, round, adapter_sha256, round_config}"""
+    signature: _builtins.bytes
+    """coordinator Ed25519, context "round-message/v1" """
+    adapter: _builtins.bytes
+    """the global adapter, safetensors (protos/round_message.py's adapter_bytes)"""
+    def __init__(
+        self,
+        *,
+        state: _builtins.str = ...,
+        done: _builtins.bool = ...,
+        message_json: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        adapter: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "done", b"done", "message_json", b"message_json", "signature", b"signature", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenedRound: _TypeAlias = OpenedRound  # noqa: Y015
+
+@_typing.final
+class AggregateRoundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    MIN_DELTAS_FIELD_NUMBER: _builtins.int
+    REPORT_JSON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    round: _builtins.int
+    min_deltas: _builtins.int
+    """fewer accepted deltas abort the round"""
+    report_json: _builtins.bytes
+    """what the ServerApp saw: {replies, errors, owner_metrics} (a RoundRecord)"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        min_deltas: _builtins.int = ...,
+        report_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "min_deltas", b"min_deltas", "report_json", b"report_json", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateRoundRequest: _TypeAlias = AggregateRoundRequest  # noqa: Y015
+
+@_typing.final
+class AggregatedRound(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_JSON_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
+    record_json: _builtins.bytes
+    """the round's progress record (coordinator/progress.py's RoundRecord)"""
+    adapter: _builtins.bytes
+    """the new global adapter, safetensors (adapter_bytes)"""
+    adapter_sha256: _builtins.str
+    """adapter_sha256 of it"""
+    def __init__(
+        self,
+        *,
+        record_json: _builtins.bytes = ...,
+        adapter: _builtins.bytes = ...,
+        adapter_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapter_sha256", b"adapter_sha256", "record_json", b"record_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregatedRound: _TypeAlias = AggregatedRound  # noqa: Y015

@@ -54,6 +54,16 @@ class CoordinatorStub:
                 request_serializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.GetRoundStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.RoundStatus.FromString,
                 _registered_method=True)
+        self.OpenRound = channel.unary_unary(
+                '/offsite.v1.Coordinator/OpenRound',
+                request_serializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.OpenRoundRequest.SerializeToString,
+                response_deserializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.OpenedRound.FromString,
+                _registered_method=True)
+        self.AggregateRound = channel.unary_unary(
+                '/offsite.v1.Coordinator/AggregateRound',
+                request_serializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.AggregateRoundRequest.SerializeToString,
+                response_deserializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.AggregatedRound.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -88,6 +98,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenRound(self, request, context):
+        """Admin calls (the ServerApp): signed with a registered admin key (context "admin-request/v1"), never an
+        owner's. Open a round (idempotent) and get its signed round message plus the global adapter it trains from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AggregateRound(self, request, context):
+        """Close a round, unseal, validate and aggregate its stored deltas (or abort it), checkpoint; returns the new
+        global adapter. Asking again for a checkpointed round returns the recorded result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +136,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetRoundStatus,
                     request_deserializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.GetRoundStatusRequest.FromString,
                     response_serializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.RoundStatus.SerializeToString,
+            ),
+            'OpenRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenRound,
+                    request_deserializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.OpenRoundRequest.FromString,
+                    response_serializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.OpenedRound.SerializeToString,
+            ),
+            'AggregateRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.AggregateRound,
+                    request_deserializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.AggregateRoundRequest.FromString,
+                    response_serializer=protos_dot_offsite_dot_v1_dot_coordinator__pb2.AggregatedRound.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +256,60 @@ class Coordinator:
             '/offsite.v1.Coordinator/GetRoundStatus',
             protos_dot_offsite_dot_v1_dot_coordinator__pb2.GetRoundStatusRequest.SerializeToString,
             protos_dot_offsite_dot_v1_dot_coordinator__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offsite.v1.Coordinator/OpenRound',
+            protos_dot_offsite_dot_v1_dot_coordinator__pb2.OpenRoundRequest.SerializeToString,
+            protos_dot_offsite_dot_v1_dot_coordinator__pb2.OpenedRound.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AggregateRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offsite.v1.Coordinator/AggregateRound',
+            protos_dot_offsite_dot_v1_dot_coordinator__pb2.AggregateRoundRequest.SerializeToString,
+            protos_dot_offsite_dot_v1_dot_coordinator__pb2.AggregatedRound.FromString,
             options,
             channel_credentials,
             insecure,

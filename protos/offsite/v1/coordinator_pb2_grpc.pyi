@@ -46,6 +46,14 @@ class CoordinatorStub:
     preamble is authenticated before any chunk is read. Returns a signed receipt.
     """
     GetRoundStatus: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetRoundStatusRequest, _coordinator_pb2.RoundStatus]
+    OpenRound: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.OpenRoundRequest, _coordinator_pb2.OpenedRound]
+    """Admin calls (the ServerApp): signed with a registered admin key (context "admin-request/v1"), never an
+    owner's. Open a round (idempotent) and get its signed round message plus the global adapter it trains from.
+    """
+    AggregateRound: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.AggregateRoundRequest, _coordinator_pb2.AggregatedRound]
+    """Close a round, unseal, validate and aggregate its stored deltas (or abort it), checkpoint; returns the new
+    global adapter. Asking again for a checkpointed round returns the recorded result.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -61,6 +69,14 @@ class CoordinatorAsyncStub(CoordinatorStub):
     preamble is authenticated before any chunk is read. Returns a signed receipt.
     """
     GetRoundStatus: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetRoundStatusRequest, _coordinator_pb2.RoundStatus]  # type: ignore[assignment]
+    OpenRound: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.OpenRoundRequest, _coordinator_pb2.OpenedRound]  # type: ignore[assignment]
+    """Admin calls (the ServerApp): signed with a registered admin key (context "admin-request/v1"), never an
+    owner's. Open a round (idempotent) and get its signed round message plus the global adapter it trains from.
+    """
+    AggregateRound: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.AggregateRoundRequest, _coordinator_pb2.AggregatedRound]  # type: ignore[assignment]
+    """Close a round, unseal, validate and aggregate its stored deltas (or abort it), checkpoint; returns the new
+    global adapter. Asking again for a checkpointed round returns the recorded result.
+    """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -97,5 +113,25 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.GetRoundStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.RoundStatus, _abc.Awaitable[_coordinator_pb2.RoundStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def OpenRound(
+        self,
+        request: _coordinator_pb2.OpenRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.OpenedRound, _abc.Awaitable[_coordinator_pb2.OpenedRound]]:
+        """Admin calls (the ServerApp): signed with a registered admin key (context "admin-request/v1"), never an
+        owner's. Open a round (idempotent) and get its signed round message plus the global adapter it trains from.
+        """
+
+    @_abc_1.abstractmethod
+    def AggregateRound(
+        self,
+        request: _coordinator_pb2.AggregateRoundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.AggregatedRound, _abc.Awaitable[_coordinator_pb2.AggregatedRound]]:
+        """Close a round, unseal, validate and aggregate its stored deltas (or abort it), checkpoint; returns the new
+        global adapter. Asking again for a checkpointed round returns the recorded result.
+        """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
