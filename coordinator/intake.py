@@ -178,6 +178,7 @@ def receive_delta(storage: Storage, signing_key: Ed25519PrivateKey, caller: Call
                                   f"{job.max_upload_bytes}")
     unsealer = Unsealer(header, header_json, wrapped_key, storage.keyring.get(header.recipient_key_id))
 
+    storage.check_free_space(len(blob_prefix) + header.ciphertext_length + TRAILER_BYTES)  # before any byte lands
     stream, temp = storage.blobs.new_temp()
     published = False
     try:

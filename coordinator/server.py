@@ -19,7 +19,7 @@ from coordinator.errors import InvalidSettingError
 from coordinator.keyring import UnknownDeltaKeyError
 from coordinator.paths import load_or_create_signing_key
 from coordinator.state import StateStore
-from coordinator.storage import Storage
+from coordinator.storage import DiskFullError, Storage
 from coordinator.transfers import TooBusyError, TransferGuard, TransferLimits
 from protos import crypto, sealed
 from protos.offsite.v1 import coordinator_pb2 as pb
@@ -35,6 +35,7 @@ STATUS_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.NotEnrolledError, grpc.StatusCode.PERMISSION_DENIED),
     (TooBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DiskFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.UnknownOwnerError, grpc.StatusCode.UNAUTHENTICATED),
     (sealed.SealedSignatureError, grpc.StatusCode.UNAUTHENTICATED),

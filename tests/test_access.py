@@ -219,3 +219,12 @@ def test_the_overall_transfer_cap_refuses_at_once(tmp_path: Path, bundle_dir: tu
     finally:
         release.set()
         server.stop(0)
+
+
+def test_an_upload_the_volume_cannot_hold_is_refused_before_anything_is_written(wire: Wire) -> None:
+    wire.storage.min_free_bytes = 1 << 62  # a volume this full: nothing fits above the reserve
+    error = refused(lambda: wire.submit(wire.seal()))
+    assert error.code() == CODE.RESOURCE_EXHAUSTED and "free" in error.details()
+    wire.assert_nothing_written()
+    wire.storage.min_free_bytes = 0
+    assert not wire.submit(wire.seal()).already_accepted
