@@ -31,11 +31,10 @@ from protos.sealed import (
     SealedDelta,
     SealedHeader,
     Trailer,
-    Unsealer,
-    open_sealed,
     seal_delta,
     verify_preamble,
 )
+from protos.sealed_open import Unsealer, open_sealed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from coordinator.errors import AuthenticationError, CoordinatorError, NotEnrolledError
 from coordinator.paths import admin_public_key
-from coordinator.state import Owner, StateStore
+from coordinator.records import Owner
+from coordinator.state import StateStore
 from protos.request_auth import ADMIN_CONTEXT, MAX_SKEW_S, RequestAuthError, parse_metadata
 
 

@@ -17,8 +17,9 @@ from coordinator.errors import AuthenticationError, MalformedRequestError, NotEn
 from coordinator.intake import receive_delta
 from coordinator.jobs import bundle_tar
 from coordinator.progress import RoundRecord
+from coordinator.records import now
 from coordinator.round_service import RoundKeeper
-from coordinator.state import StateStore, now
+from coordinator.state import StateStore
 from coordinator.storage import Storage
 from protos import serde
 from protos.crypto import key_id, public_key_bytes

@@ -33,7 +33,7 @@ from coordinator.errors import (
     UploadTooLargeError,
 )
 from coordinator.jobs import num_examples_cap
-from coordinator.state import Job, Owner, UploadRecord, now
+from coordinator.records import Job, Owner, UploadRecord, now
 from coordinator.storage import Storage
 from protos.messages import RECEIPT_CONTEXT, Receipt, SignedDocument
 from protos.sealed import (
@@ -44,17 +44,16 @@ from protos.sealed import (
     Trailer,
     TrailingDataError,
     TruncatedError,
-    Unsealer,
     blob_id,
     check_context,
     check_preamble_fields,
     ciphertext_length,
     encode_preamble,
     max_plaintext_length,
-    open_sealed,
     read_preamble,
     verify_preamble,
 )
+from protos.sealed_open import Unsealer, open_sealed
 from protos.tensors import load_tensors, validate_delta
 
 

@@ -12,16 +12,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors.torch import load_file, save_file
 
 from coordinator.errors import InvalidSettingError, InvalidTransitionError
-from coordinator.state import (
+from coordinator.records import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_NUM_EXAMPLES,
     DEFAULT_MAX_UPLOAD,
     Job,
     JobRow,
-    StateStore,
     check_id,
     delta_norm_bound,
 )
+from coordinator.state import StateStore
 from coordinator.storage import Storage
 from emulator.aggregate import AggregatorConfig, AggregatorConfigError
 from protos.adapter_spec import AdapterSpec

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from coordinator.errors import InvalidTransitionError, NotFoundError
 from coordinator.intake import open_accepted_upload
 from coordinator.progress import Progress, RoundRecord, checkpoint_path, save_checkpoint
-from coordinator.state import StateStore, UploadRecord
+from coordinator.records import UploadRecord
+from coordinator.state import StateStore
 from coordinator.storage import Storage
 from emulator.aggregate import AggregatorConfig, WeightedDelta, aggregate
 from protos.round_config import RoundConfig

@@ -130,7 +130,11 @@ def infer_task(model: str) -> str:
 
 
 def load_model(model: str, task: str = "auto", num_labels: int | None = None) -> PreTrainedModel:
-    """Load ``model`` (a path or hub id) in float32 with the head ``task`` needs."""
+    """Load ``model`` (a path or hub id) in float32 with the head ``task`` needs.
+
+    For the coordinator's own full model only: bundles from a trust boundary load through
+    :func:`emulator.quantize.load_emulator` (safetensors only). A hub checkpoint may ship only ``.bin`` weights, so
+    they are allowed here; torch >= 2.6 loads them with ``weights_only`` (no pickled code runs)."""
     if task not in TASKS:
         raise ModelLoadError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     try:

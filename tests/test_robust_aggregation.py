@@ -21,8 +21,8 @@ from coordinator.errors import InvalidSettingError
 from coordinator.federation import FederationSettings, _run_rounds
 from coordinator.jobs import create_job
 from coordinator.progress import Progress, RoundRecord, checkpoint_path
+from coordinator.records import DEFAULT_MAX_NUM_EXAMPLES
 from coordinator.round_service import RoundKeeper, aggregate_round
-from coordinator.state import DEFAULT_MAX_NUM_EXAMPLES
 from coordinator.storage import Storage
 from emulator.aggregate import (
     AGGREGATORS,

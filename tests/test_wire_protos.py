@@ -28,14 +28,13 @@ from protos.sealed import (
     SizeLimitError,
     TrailingDataError,
     TruncatedError,
-    Unsealer,
     UnsupportedVersionError,
     max_plaintext_length,
-    open_sealed,
     read_preamble,
     read_sealed,
     seal_delta,
 )
+from protos.sealed_open import Unsealer, open_sealed
 from protos.tensors import TORCH_DTYPES, SafetensorsFormatError, load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from coordinator.cli.store_access import run
 from coordinator.errors import InvalidSettingError
 from coordinator.jobs import check_job_settings, create_job
 from coordinator.paths import load_or_create_signing_key
-from coordinator.state import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_NUM_EXAMPLES, DEFAULT_MAX_UPLOAD
+from coordinator.records import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_NUM_EXAMPLES, DEFAULT_MAX_UPLOAD
 from protos import crypto
 
 job_app = typer.Typer(help="Create jobs from signed bundles.", no_args_is_help=True)

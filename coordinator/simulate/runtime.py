@@ -27,7 +27,7 @@ from coordinator.paths import ensure_admin_key
 from coordinator.progress import Progress
 from coordinator.server import start_server
 from coordinator.simulate.config import SimulateConfig
-from coordinator.simulate.setup import Setup, Variant, coordinator_public_key
+from coordinator.simulate.setup import RunLayout, Setup, Variant, coordinator_public_key
 
 console = Console()
 # The one reference from coordinator code to the client package: loaded by name, as Flower loads
@@ -92,7 +92,7 @@ def client_settings(config: SimulateConfig, variant: Variant, address: str) -> d
     work = config.workdir
     return {
         "coordinator": address, "insecure": True, "job-id": variant.job_id,
-        "coordinator-key": str(coordinator_public_key(work)), "owners-dir": str(Setup.owners_dir(work)),
+        "coordinator-key": str(coordinator_public_key(work)), "owners-dir": str(RunLayout(work).owners),
         "cache-dir": str(work / "owner-cache"),
         "train-file": str(Path(config.train_file).resolve()), "partition": config.partition,
         "seed": config.training.seed, "torch-threads": max(1, (os.cpu_count() or 2) // config.clients),
@@ -101,15 +101,15 @@ def client_settings(config: SimulateConfig, variant: Variant, address: str) -> d
 
 def federate(config: SimulateConfig, prepared: Setup, variant: Variant, *, verbose: bool = False) -> Progress:
     """Serve the coordinator's gRPC service on a free localhost port and run Flower's simulation runtime."""
-    work = config.workdir
+    work, layout = config.workdir, RunLayout(config.workdir)
     quiet_libraries(verbose)
     start_ray(config.clients, verbose=verbose)
-    ensure_admin_key(Setup.state_dir(work), Setup.admin_key(work))
-    server = start_server(Setup.state_dir(work), 0, insecure=True, signing_key=prepared.coordinator_key,
-                          checkpoint_root=Setup.checkpoint_root(work))
+    ensure_admin_key(layout.state, layout.admin_key)
+    server = start_server(layout.state, 0, insecure=True, signing_key=prepared.coordinator_key,
+                          checkpoint_root=layout.checkpoints)
     try:
         settings = FederationSettings(
-            job_id=variant.job_id, coordinator=server.address, admin_key=Setup.admin_key(work),
+            job_id=variant.job_id, coordinator=server.address, admin_key=layout.admin_key,
             coordinator_key=coordinator_public_key(work), insecure=True, num_rounds=config.rounds,
             min_replies=config.replies_needed, round_timeout=config.round_timeout,
             node_wait=config.node_wait, training=config.training)

@@ -39,7 +39,34 @@ class Variant:
     bundle: VerifiedBundle
 
     def checkpoints(self, work: Path) -> Path:
-        return Setup.checkpoint_root(work) / self.job_id  # where the coordinator's service keeps the job's rounds
+        return RunLayout(work).checkpoints / self.job_id  # where the coordinator's service keeps the job's rounds
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where a simulate run directory keeps each part."""
+
+    work: Path
+
+    @property
+    def keys(self) -> Path:
+        return self.work / "keys"
+
+    @property
+    def admin_key(self) -> Path:
+        return self.keys / "admin.key"  # the ServerApp's admin key (registered in STATE/admin)
+
+    @property
+    def owners(self) -> Path:
+        return self.work / "owners"
+
+    @property
+    def state(self) -> Path:
+        return self.work / "state"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.work / "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -48,26 +75,6 @@ class Setup:
     full_model_dir: str
     coordinator_key: Ed25519PrivateKey
     labels: list[str] | None
-
-    @staticmethod
-    def key_dir(work: Path) -> Path:
-        return work / "keys"
-
-    @staticmethod
-    def owners_dir(work: Path) -> Path:
-        return work / "owners"
-
-    @staticmethod
-    def state_dir(work: Path) -> Path:
-        return work / "state"
-
-    @staticmethod
-    def checkpoint_root(work: Path) -> Path:
-        return work / "checkpoints"
-
-    @staticmethod
-    def admin_key(work: Path) -> Path:
-        return work / "keys" / "admin.key"  # the ServerApp's admin key (registered in STATE/admin)
 
 
 def _prepare_full_model(config: SimulateConfig, full_dir: Path, labels: list[str] | None) -> None:
@@ -103,7 +110,7 @@ def _bundles(config: SimulateConfig, full_dir: Path, key: Ed25519PrivateKey,
 
 
 def _owners(config: SimulateConfig, storage: Storage) -> None:
-    owners = Setup.owners_dir(config.workdir)
+    owners = RunLayout(config.workdir).owners
     owners.mkdir(exist_ok=True)
     known = {owner.owner_id for owner in storage.store.owners()}
     for i in range(config.clients):
@@ -133,8 +140,8 @@ def _job(config: SimulateConfig, storage: Storage, variant: Variant, key: Ed2551
 
 def setup(config: SimulateConfig) -> Setup:
     """Keys, the full model (with a seeded task head), signed bundles, owners, jobs and round 0 (idempotent)."""
-    work = config.workdir
-    keys = Setup.key_dir(work)
+    work, layout = config.workdir, RunLayout(config.workdir)
+    keys = layout.keys
     if not (keys / SIGNING_KEY_FILE).exists():
         init_keys(keys)
     key = crypto.load_private_key(keys / SIGNING_KEY_FILE)
@@ -143,7 +150,7 @@ def setup(config: SimulateConfig) -> Setup:
     _prepare_full_model(config, full_dir, labels)
     variants = [Variant(name, f"job-{name.replace('_', '-')}", verify_bundle_dir(path, key.public_key()))
                 for name, path in _bundles(config, full_dir, key, labels)]
-    storage = Storage.open(Setup.state_dir(work))
+    storage = Storage.open(layout.state)
     try:
         _owners(config, storage)
         for variant in variants:
@@ -156,4 +163,4 @@ def setup(config: SimulateConfig) -> Setup:
 
 
 def coordinator_public_key(work: Path) -> Path:
-    return Setup.key_dir(work) / PUBLIC_KEY_FILE
+    return RunLayout(work).keys / PUBLIC_KEY_FILE
