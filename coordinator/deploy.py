@@ -16,7 +16,7 @@ authentication key) plus the public files every owner needs (``ca.crt``, ``coord
                                 container) holds, besides ``certs/ca.crt``
     superlink/                  superlink.crt, superlink.key: the SuperLink's TLS certificate
     owner-N/                    owner.key (0600), owner.pub, supernode.key (0600), supernode.pub, ca.crt,
-                                coordinator.pub
+                                coordinator.pub, trusted-apps.json (the app bundles the coordinator signed)
     supernodes/owner-N.pub      the SuperNode public keys to register (``flwr supernode register``)
     flwr/config.toml            ``FLWR_HOME`` for ``flwr``: the SuperLink connection, trusting ``certs/ca.crt``
     register-supernodes.sh      registers every key of ``supernodes/`` with the running SuperLink
@@ -38,10 +38,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from coordinator.app_signing import app_name, build_app
 from coordinator.errors import InvalidSettingError
 from coordinator.paths import PUBLIC_KEY_FILE, init_admin_key, init_keys
 from coordinator.storage import Storage
 from protos import crypto
+from protos.app_approval import TRUSTED_APPS_FILE, TrustedApps, approve_app
 from protos.errors import OutputExistsError
 from protos.files import atomic_write
 
@@ -195,11 +197,12 @@ def _run_config(job_id: str, rounds: int, min_replies: int) -> str:
 
 
 def init_deployment(out: Path, owners: int, *, hostname: str = "localhost", job_id: str = "job-1",
-                    rounds: int = 2, force: bool = False) -> Deployment:
+                    rounds: int = 2, app: Path | None = None, force: bool = False) -> Deployment:
     """Write everything ``docker-compose.yml`` mounts into ``out`` (see the module's docstring).
 
     ``out`` must not exist unless ``force``; then it is replaced whole (old keys are gone), and only if it is empty
-    or an earlier deployment (it holds ``certs/ca.crt``)."""
+    or an earlier deployment (it holds ``certs/ca.crt``). With ``app`` (a Flower app directory), each owner's
+    ``trusted-apps.json`` approves that app's bundle; without, it approves none until ``app sign``."""
     if owners < 1:
         raise InvalidSettingError(f"{{owners}} must be >= 1, got {owners}")
     if rounds < 1:
@@ -211,6 +214,7 @@ def init_deployment(out: Path, owners: int, *, hostname: str = "localhost", job_
         if any(out.iterdir()) and not (out / "certs" / "ca.crt").is_file():
             raise InvalidSettingError(f"{out} is not a deployment (no certs/ca.crt): not replacing it ({{force}})")
         shutil.rmtree(out)
+    fab = build_app(app) if app is not None else None  # before anything is written: a bad --app leaves nothing
     out.mkdir(parents=True)
     names = [hostname, *SERVER_NAMES]
 
@@ -222,7 +226,10 @@ def init_deployment(out: Path, owners: int, *, hostname: str = "localhost", job_
                      out / "coordinator" / "tls" / "coordinator.key", ["coordinator", *names])
     write_server_tls(ca, out / "superlink" / "superlink.crt", out / "superlink" / "superlink.key",
                      ["superlink", *names])
-    _, coordinator_pub = init_keys(out / "coordinator" / "keys")
+    coordinator_key, coordinator_pub = init_keys(out / "coordinator" / "keys")
+    trusted = TrustedApps()
+    if fab is not None and app is not None:
+        trusted = TrustedApps(approvals=[approve_app(crypto.load_private_key(coordinator_key), fab, app_name(app))])
     (out / "coordinator" / "checkpoints" / job_id).mkdir(parents=True)
     init_admin_key(out / "coordinator" / "state", out / "serverapp" / "admin.key")
     atomic_write(out / "serverapp" / PUBLIC_KEY_FILE, coordinator_pub.read_bytes())
@@ -240,6 +247,7 @@ def init_deployment(out: Path, owners: int, *, hostname: str = "localhost", job_
             atomic_write(directory / "supernode.pub", node_public)
             atomic_write(directory / "ca.crt", ca_pem)
             atomic_write(directory / PUBLIC_KEY_FILE, coordinator_pub.read_bytes())
+            trusted.save(directory / TRUSTED_APPS_FILE)
             atomic_write(out / "supernodes" / f"owner-{index}.pub", node_public)
             owner_id = crypto.key_id(signing_key.public_key())
             storage.store.add_owner(owner_id, signing_key.public_key(), approved=True)

@@ -21,6 +21,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from client.cli import app as client_app
+from client.cli.node import NodeFiles, supernode_command
 from client.flower_app import NODE_CONFIG_KEYS
 from coordinator.cli import app as coordinator_app
 from coordinator.federation import FederationSettings
@@ -29,15 +31,28 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 BIN = Path(sys.executable).parent
+NODE_START = ["offsite-client", "node", "start"]
 
 
 def flag(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
 
 
+def effective(command: list[str]) -> list[str]:
+    """What the container runs in the end: ``offsite-client node start`` execs ``flower-supernode`` with the command
+    line ``supernode_command`` builds from its options (paths as the container sees them)."""
+    if command[:3] != NODE_START:
+        return command
+    directory = Path(flag(command, "--dir"))
+    return supernode_command(NodeFiles(directory), superlink=flag(command, "--superlink"),
+                             coordinator=flag(command, "--coordinator"), job=flag(command, "--job"),
+                             train=Path(flag(command, "--train")), cache=directory / "cache",
+                             port=int(flag(command, "--port")))
+
+
 def offsite_options(command: list[str]) -> set[str]:
-    """The options of an offsite-coordinator subcommand, read from the Typer app itself."""
-    group: click.Command = typer.main.get_command(coordinator_app)
+    """The options of an offsite-coordinator (or offsite-client) subcommand, read from the Typer app itself."""
+    group: click.Command = typer.main.get_command(client_app if command[0] == "offsite-client" else coordinator_app)
     for word in command[1:]:
         if isinstance(group, click.Group) and word in group.commands:
             group = group.commands[word]
@@ -57,10 +72,13 @@ def flower_options(program: str) -> str:
 def test_every_flag_exists(name: str) -> None:
     command = SERVICES[name]["command"]
     flags = [word for word in command if word.startswith("--")]
-    if command[0] == "offsite-coordinator":
+    if command[0] in ("offsite-coordinator", "offsite-client"):
         known = offsite_options(command)
         assert set(flags) <= known, f"{name}: unknown flags {set(flags) - known}"
-    else:
+    if command[:3] == NODE_START:
+        command = effective(command)
+        flags = [word for word in command if word.startswith("--")]
+    if command[0] != "offsite-coordinator":
         assert command[0] in ("flower-superlink", "flower-supernode"), command[0]
         help_text = flower_options(command[0])
         for word in flags:
@@ -70,7 +88,7 @@ def test_every_flag_exists(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_published_ports_are_the_ports_commands_listen_on(name: str) -> None:
     service = SERVICES[name]
-    command = service["command"]
+    command = effective(service["command"])
     for mapping in service.get("ports", []):
         container_port = str(mapping).split(":")[-1]
         assert flag(command, "--port") == container_port, f"{name} publishes {mapping}"
@@ -84,20 +102,17 @@ def test_published_ports_are_the_ports_commands_listen_on(name: str) -> None:
 
 def test_references_point_at_listening_services() -> None:
     listening = {name: flag(service["command"], "--port") for name, service in SERVICES.items()
-                 if "--port" in service["command"]}
-    supernodes = [s for s in SERVICES.values() if s["command"][0] == "flower-supernode"]
+                 if "--port" in service["command"] and name not in supernode_names()}
+    supernodes = [effective(SERVICES[name]["command"]) for name in supernode_names()]
     assert len(supernodes) >= 2
-    for service in supernodes:
-        host, port = flag(service["command"], "--superlink").split(":")
+    for command in supernodes:
+        host, port = flag(command, "--superlink").split(":")
         assert listening[host] == port and SERVICES[host]["command"][0] == "flower-superlink"
-        settings = dict(item.split("=", 1) for item in shlex.split(flag(service["command"], "--node-config")))
+        settings = dict(item.split("=", 1) for item in shlex.split(flag(command, "--node-config")))
         assert set(settings) <= NODE_CONFIG_KEYS, set(settings) - NODE_CONFIG_KEYS
         host, port = settings["coordinator"].split(":")
         assert listening[host] == port and SERVICES[host]["command"][:2] == ["offsite-coordinator", "serve"]
-    partitions = sorted(int(dict(i.split("=", 1) for i in shlex.split(flag(s["command"], "--node-config")))
-                            ["partition-id"]) for s in supernodes)
-    assert partitions == list(range(len(supernodes)))
-    node_ports = [flag(s["command"], "--port") for s in supernodes]
+    node_ports = [flag(command, "--port") for command in supernodes]
     assert len(set(node_ports)) == len(node_ports), "supernodes on one host need their own --port"
 
 
@@ -110,11 +125,11 @@ def test_volumes_are_declared() -> None:
 
 
 def node_config(service: dict[str, Any]) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in shlex.split(flag(service["command"], "--node-config")))
+    return dict(item.split("=", 1) for item in shlex.split(flag(effective(service["command"]), "--node-config")))
 
 
 def supernode_names() -> list[str]:
-    return sorted(name for name, s in SERVICES.items() if s["command"][0] == "flower-supernode")
+    return sorted(name for name, s in SERVICES.items() if effective(s["command"])[0] == "flower-supernode")
 
 
 def test_tls_and_node_authentication_everywhere() -> None:
@@ -128,7 +143,7 @@ def test_tls_and_node_authentication_everywhere() -> None:
     coordinator = SERVICES["coordinator"]["command"]
     assert "--tls-cert" in coordinator and "--tls-key" in coordinator
     for name in supernode_names():
-        command = SERVICES[name]["command"]
+        command = effective(SERVICES[name]["command"])
         assert "--root-certificates" in command and "--auth-supernode-private-key" in command, name
         assert node_config(SERVICES[name]).get("root-cert"), f"{name} must reach the coordinator over TLS"
 
@@ -179,9 +194,10 @@ FILE_FLAGS = ("--state", "--tls-cert", "--tls-key", "--key", "--ssl-ca-certfile"
 
 
 def test_every_mount_and_named_file_is_written_by_deploy_init(deployed: Path) -> None:
+    run_config = tomllib.loads((deployed / "deploy" / "run.toml").read_text())
     for name, service in SERVICES.items():
         visible_files(deployed, service)
-        command = service["command"]
+        command = effective(service["command"])
         for option in FILE_FLAGS:
             if option in command:
                 assert host_path(deployed, service, flag(command, option)).exists(), f"{name} {option}"
@@ -190,7 +206,9 @@ def test_every_mount_and_named_file_is_written_by_deploy_init(deployed: Path) ->
             for key in ("root-cert", "coordinator-key", "owner-key"):
                 assert host_path(deployed, service, settings[key]).is_file(), f"{name} {key}"
             assert host_path(deployed, service, settings["cache-dir"]).parent.is_dir()
-    run_config = tomllib.loads((deployed / "deploy" / "run.toml").read_text())
+            assert settings["job-id"] == run_config["job-id"], f"{name} trains for another job than run.toml's"
+            owner_dir = host_path(deployed, service, flag(service["command"], "--dir"))
+            assert not NodeFiles(owner_dir).missing(), f"{name}: {NodeFiles(owner_dir).missing()}"
     federation = FederationSettings.from_config(run_config)  # the ServerApp runs in the superlink container
     superlink = SERVICES["superlink"]
     for path in (federation.admin_key, federation.coordinator_key, federation.root_cert):
@@ -211,8 +229,8 @@ def test_no_service_reads_a_key_that_is_not_its_own(deployed: Path) -> None:
     for name, service in SERVICES.items():
         files = visible_files(deployed, service)
         assert not any(f.startswith("deploy/ca/") for f in files), f"{name} can read the CA key"
-        if service["command"][0] == "flower-supernode":
-            own = f"deploy/owner-{node_config(service)['partition-id']}/"
+        if name in supernode_names():
+            own = f"deploy/owner-{name.rsplit('-', 1)[1]}/"
             assert ("./" + own.rstrip("/"), PurePosixPath("/owner")) in mounts(service), name
             others = sorted(f for f in files if not f.startswith(own))
             assert not others, f"{name} reads {others}"

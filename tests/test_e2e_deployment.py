@@ -4,7 +4,10 @@ coordinator's gRPC service, and `flwr run` of this app for two rounds. Deltas tr
 Deployed as docker-compose.yml does: TLS on every connection (certificates from a private CA made by
 ``coordinator.deploy``, as ``offsite-coordinator deploy init`` makes them), no ``--insecure`` anywhere, and the
 SuperLink admits only SuperNodes whose key was registered with ``flwr supernode register``. A third SuperNode with
-an unregistered key (and an owner identity the coordinator would accept) is refused and never submits a delta."""
+an unregistered key (and an owner identity the coordinator would accept) is refused and never submits a delta.
+The owners' nodes start as ``offsite-client node start`` starts them, trusting only app bundles the coordinator
+signed: a second run of an unsigned app (``tests/apps/intruder_app``), started through the SuperLink's Control API
+as anyone who reaches it could, executes none of its code on their nodes."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from coordinator.app_signing import sign_app
 from coordinator.blobs import BlobStore
 from coordinator.demo_data import demo_dataset
 from coordinator.deploy import CertificateAuthority, pem_certificate, pem_private_key, supernode_auth_key
@@ -34,6 +38,7 @@ from protos.round_config import RoundConfig
 from tests.models import subset, tiny_classifier_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+INTRUDER_APP = ROOT / "tests" / "apps" / "intruder_app"
 DATA = demo_dataset()
 BIN = Path(sys.executable).parent
 
@@ -126,20 +131,19 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
                  "--name", f"owner-{index}"], env=env, capture_output=True, text=True, timeout=120)
             assert registered.returncode == 0, registered.stdout + registered.stderr
         supernodes: list[subprocess.Popen[bytes]] = []
-        for index in range(3):
-            partition = min(index, 1)
+        for index in range(3):  # each owner's directory as deploy init writes it; 2 is the unregistered intruder
+            owner = tmp_path / f"owner-{index}"
             owner_key = work / "owners" / f"owner-{index}.key" if index < 2 else tmp_path / "intruder-owner.key"
-            node_config = " ".join([
-                f"partition-id={partition}", "num-partitions=2", f'coordinator="{server.address}"',
-                f'root-cert="{tls / "ca.crt"}"', f'coordinator-key="{work / "keys" / "coordinator.pub"}"',
-                f'owner-key="{owner_key}"', f'cache-dir="{tmp_path / f"node-{index}-cache"}"',
-                f'train-file="{config.train_file}"', "progress=false",
-            ])
+            atomic_write(owner / "owner.key", owner_key.read_bytes(), mode=0o600)
+            atomic_write(owner / "supernode.key", (nodes / f"node-{index}.key").read_bytes(), mode=0o600)
+            atomic_write(owner / "ca.crt", (tls / "ca.crt").read_bytes())
+            atomic_write(owner / "coordinator.pub", (work / "keys" / "coordinator.pub").read_bytes())
+        sign_app(prepared.coordinator_key, ROOT, [tmp_path / f"owner-{i}" / "trusted-apps.json" for i in range(3)])
+        for index in range(3):
             supernodes.append(subprocess.Popen(
-                [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{superlink}",
-                 "--root-certificates", str(tls / "ca.crt"),
-                 "--auth-supernode-private-key", str(nodes / f"node-{index}.key"),
-                 "--port", str(free_port()), "--node-config", node_config],
+                [str(BIN / "offsite-client"), "node", "start", "--superlink", f"127.0.0.1:{superlink}",
+                 "--coordinator", server.address, "--job", job_id, "--train", str(config.train_file),
+                 "--dir", str(tmp_path / f"owner-{index}"), "--port", str(free_port())],
                 env=env, stdout=open(logs / f"supernode-{index}.log", "wb"), stderr=subprocess.STDOUT))
         processes.extend(supernodes)
 
@@ -157,6 +161,12 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
         )
         output = run.stdout + run.stderr
         assert run.returncode == 0, output[-4000:]
+        intruder_run = subprocess.run(  # anyone reaching the Control API: an app the coordinator never signed
+            [str(BIN / "flwr"), "run", str(INTRUDER_APP), "local", "--stream",
+             "--run-config", f'marker="{tmp_path / "intruder-ran"}"'],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        intruder_output = intruder_run.stdout + intruder_run.stderr
         intruder_log = (logs / "supernode-2.log").read_text(errors="replace")
     finally:
         server.stop()
@@ -177,6 +187,12 @@ def test_two_rounds_on_superlink_and_supernodes(tmp_path: Path, processes: list[
     # The SuperLink refused the unregistered SuperNode's key: Flower's exit code 305 (cannot connect).
     assert "Failed to activate SuperNode" in intruder_log and "305" in intruder_log, intruder_log[-2000:]
     assert supernodes[2].poll() is not None, "the unregistered SuperNode is still running"
+    # The unsigned app ran on no owner's node: no marker; each node's runner refused it before unpacking it.
+    assert not (tmp_path / "intruder-ran").exists(), intruder_output[-3000:]
+    assert "intruder: 2 replies, 2 errors" in intruder_output, intruder_output[-3000:]
+    for index in range(2):
+        log = (logs / f"supernode-{index}.log").read_text(errors="replace")
+        assert "is not signed by the coordinator" in log, log[-2000:]
     initial = load_file(str(checkpoint_path(checkpoints, 0)))
     final = load_file(str(checkpoint_path(checkpoints, 2)))
     changed = [name for name in initial if not (initial[name] == final[name]).all()]

@@ -6,12 +6,14 @@ import typer
 
 from client.cli.bundle import bundle_app
 from client.cli.keys import keys_app
+from client.cli.node import node_app
 from client.cli.wire import join, status, submit
 
 app = typer.Typer(help="Offsite tuning, data owner's side: verify bundles, train, seal and submit deltas.",
                   no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(keys_app, name="keys")
+app.add_typer(node_app, name="node")
 app.command("join")(join)
 app.command("submit")(submit)
 app.command("status")(status)

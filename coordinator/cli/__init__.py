@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from coordinator.cli.admin_key import admin_key_app
+from coordinator.cli.app_sign import app_app
 from coordinator.cli.delta_key import delta_key_app
 from coordinator.cli.deploy import deploy_app
 from coordinator.cli.emulator import emulator_app
@@ -29,6 +30,7 @@ app.add_typer(round_app, name="round")
 app.add_typer(delta_key_app, name="delta-key")
 app.add_typer(admin_key_app, name="admin-key")
 app.add_typer(deploy_app, name="deploy")
+app.add_typer(app_app, name="app")
 
 
 def main() -> None:

@@ -24,17 +24,27 @@ def deploy_init(
                                                              "certificates.")] = "localhost",
     job_id: Annotated[str, typer.Option("--job", help="Job id in run.toml.")] = "job-1",
     rounds: Annotated[int, typer.Option("--rounds", help="num-server-rounds in run.toml.")] = 2,
+    app: Annotated[Path | None, typer.Option("--app", help="The Flower app directory `flwr run` will start: its "
+                                                           "bundle is approved in each owner's trusted-apps.json "
+                                                           "(default: . when it is a Flower app).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing directory (its keys are lost).")] = False,
 ) -> None:
     """Create a CA, server certificates, the coordinator's keys and state (owners approved), one directory per
     owner with only its own keys, the SuperNode keys to register, a Flower config and run.toml."""
+    if app is None and (Path("pyproject.toml").is_file() and "[tool.flwr.app]" in Path("pyproject.toml").read_text()):
+        app = Path(".")
     try:
-        deployment = init_deployment(out, owners, hostname=hostname, job_id=job_id, rounds=rounds, force=force)
+        deployment = init_deployment(out, owners, hostname=hostname, job_id=job_id, rounds=rounds, app=app,
+                                     force=force)
     except (FileExistsError, CoordinatorError, ProtocolError) as error:
-        fail_with(error, {"owners": "--owners", "hostname": "--hostname", "job_id": "--job"})
+        fail_with(error, {"owners": "--owners", "hostname": "--hostname", "job_id": "--job", "app": "--app"})
     console.print(f"deployment   {deployment.root}\nCA key       {deployment.root / 'ca' / 'ca.key'} "
                   "(mounted by no service; keep it offline)")
     for owner in deployment.owners:
         console.print(f"owner        {owner.directory.name}  id {owner.owner_id} (approved)")
+    if app is None:
+        console.print("no Flower app approved: owners' nodes run nothing until `offsite-coordinator app sign "
+                      f"--key {deployment.root / 'coordinator' / 'keys' / 'coordinator.key'} "
+                      f"{deployment.root}/owner-*/trusted-apps.json`")
     console.print(f"next: docker compose up -d superlink, then {deployment.root / 'register-supernodes.sh'}, "
                   "then docker compose up -d")
