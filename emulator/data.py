@@ -10,7 +10,8 @@ from pathlib import Path
 
 from emulator.errors import EmulatorError
 
-TASK_NAMES = ("causal-lm", "classification")
+TASK_NAMES = ("causal-lm", "classification", "multiple-choice")
+MAX_CHOICES = 16
 MAX_LINE_BYTES = 1 << 20
 
 
@@ -28,8 +29,10 @@ class DataError(EmulatorError):
 @dataclass(frozen=True)
 class Example:
     text: str  # the whole text (causal LM, classification) or the prompt (prompt + completion)
-    completion: str | None = None  # causal LM with loss on the completion only
+    completion: str | None = None  # causal LM with loss on the completion only; multiple choice: the answer
     label: int | None = None  # classification: index into the job's label list
+    choices: tuple[str, ...] = ()  # multiple choice: scored by their log-likelihood given ``text``
+    answer: int | None = None  # multiple choice: index of the right choice
 
 
 def _record(path: Path, line_no: int, record: dict[str, object], task: str, labels: list[str] | None) -> Example:
@@ -48,9 +51,24 @@ def _record(path: Path, line_no: int, record: dict[str, object], task: str, labe
         if label not in labels:
             raise DataError(path, f"unknown label {label!r}; the job's labels are {', '.join(labels)}", line_no)
         return Example(text=text, label=labels.index(label))
+    if task == "multiple-choice":
+        return _choice_record(path, line_no, record, field("prompt"))
     if "prompt" in record or "completion" in record:
         return Example(text=field("prompt"), completion=field("completion"))
     return Example(text=field("text"))
+
+
+def _choice_record(path: Path, line_no: int, record: dict[str, object], prompt: str) -> Example:
+    """``{"prompt": str, "choices": [str, ...], "answer": int}``: training sees the prompt and the right choice."""
+    choices, answer = record.get("choices"), record.get("answer")
+    if not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices):
+        raise DataError(path, "field 'choices' must be a list of non-empty strings", line_no)
+    if not 2 <= len(choices) <= MAX_CHOICES:
+        raise DataError(path, f"field 'choices' must hold 2 to {MAX_CHOICES} choices, got {len(choices)}", line_no)
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise DataError(path, f"field 'answer' must be an index into 'choices' (0..{len(choices) - 1}), "
+                              f"got {answer!r}", line_no)
+    return Example(text=prompt, completion=choices[answer], choices=tuple(choices), answer=answer)
 
 
 def _lines(path: Path, max_line_bytes: int) -> list[tuple[int, str]]:

@@ -25,9 +25,10 @@ from transformers import (
 
 from emulator.errors import EmulatorError
 from emulator.families import FAMILIES
+from emulator.gguf_models import GGUF_MODELS, converted_checkpoint
 
 EMBEDDED_MODEL_NAME = "all-MiniLM-L6-v2"
-TASKS = ("auto", "base", "causal-lm", "classification")
+TASKS = ("auto", "base", "causal-lm", "classification", "multiple-choice")
 # The heads a bundle's model class may have: the base model, a causal LM, a sequence classifier.
 MODEL_CLASS_SUFFIXES = ("Model", "LMHeadModel", "ForCausalLM", "ForSequenceClassification")
 _CLASS_NAME = re.compile(r"[A-Z][A-Za-z0-9]*\Z")
@@ -117,7 +118,13 @@ def embedded_model_path() -> Path:
 
 
 def resolve_model(model: str | None) -> str:
-    return str(embedded_model_path()) if model in (None, "", "embedded", EMBEDDED_MODEL_NAME) else str(model)
+    """A loadable path or hub id: the embedded model for None, a converted checkpoint for a GGUF model's name
+    (``smollm2``), else ``model`` itself."""
+    if model in (None, "", "embedded", EMBEDDED_MODEL_NAME):
+        return str(embedded_model_path())
+    if model in GGUF_MODELS:
+        return str(converted_checkpoint(str(model)))
+    return str(model)
 
 
 def infer_task(model: str) -> str:
@@ -140,7 +147,7 @@ def load_model(model: str, task: str = "auto", num_labels: int | None = None) ->
     try:
         if task == "auto":
             task = infer_task(model)
-        if task == "causal-lm":
+        if task in ("causal-lm", "multiple-choice"):
             loaded = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=False)
         elif task == "classification":
             # A new label set replaces any head the checkpoint has: a deliberate size mismatch.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from emulator.corpus import prepare_tokenizer
 from emulator.data import Example
 from emulator.errors import EmulatorConfigError
+from emulator.multiple_choice import score_choices
 from protos.round_config import RoundConfig
 
 IGNORE_INDEX = -100
@@ -93,7 +95,10 @@ def batches(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, tas
 
 
 def loss_of(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Mean loss of a batch, the number of items it averages over (tokens or examples), and the logits."""
+    """Mean loss of a batch, the number of items it averages over (tokens or examples), and the logits. The batch
+    moves to the model's device."""
+    device = next(model.parameters()).device
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if task == "classification":
         return nn.functional.cross_entropy(logits, batch["labels"]), len(batch["labels"]), logits
@@ -115,12 +120,13 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     total = steps_per_epoch * config.epochs if config.max_steps is None else config.max_steps
     model.train()
     losses: list[float] = []
-    step = 0
+    step, tokens, started = 0, 0, time.perf_counter()
     with tqdm(total=total, desc=desc, disable=not show_progress, leave=False) as bar:
         for epoch in range(config.epochs):
             for batch in batches(examples, tokenizer, task, config.batch_size, config.max_length,
                                  shuffle_seed=config.seed * 1000 + epoch):
                 loss, _, _ = loss_of(model, batch, task)
+                tokens += int(batch["attention_mask"].sum())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -134,14 +140,20 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
             if step >= total:
                 break
     model.eval()
-    return {"train_loss": sum(losses) / len(losses), "steps": float(step)}
+    seconds = time.perf_counter() - started
+    return {"train_loss": sum(losses) / len(losses), "steps": float(step), "tokens": float(tokens),
+            "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, task: str, *,
              batch_size: int = 32, max_length: int = 128, desc: str = "eval",
              show_progress: bool = True) -> dict[str, float]:
-    """Accuracy (classification) or perplexity (causal LM), plus the mean loss."""
+    """Accuracy (classification), perplexity (causal LM), or acc and acc_norm with standard errors (multiple
+    choice); plus the mean loss where the task has one."""
+    if task == "multiple-choice":
+        return score_choices(model, examples, tokenizer, batch_size=batch_size, max_length=max_length, desc=desc,
+                             show_progress=show_progress).metrics()
     model.eval()
     total_loss, total_count, correct = 0.0, 0, 0
     for batch in tqdm(list(batches(examples, tokenizer, task, batch_size, max_length)), desc=desc,

@@ -108,3 +108,16 @@ def tiny_causal_dir(path: Path) -> Path:
     GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=128, vocab_size=30522)).save_pretrained(path)
     AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(path)
     return path
+
+
+def tiny_llama_dir(path: Path, n_layers: int = 6) -> Path:
+    """A tiny random LLaMA (SmolLM2's architecture) over MiniLM's real tokenizer: a causal LM that trains fast."""
+    from emulator.loading import embedded_model_path
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=n_layers, hidden_size=32, intermediate_size=64,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 vocab_size=30522, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+                                 tie_word_embeddings=True)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(path)
+    return path

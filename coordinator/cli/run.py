@@ -32,11 +32,21 @@ def print_report(report: PluginReport, path: Path) -> None:
     table = Table(title=f"offsite tuning report ({report.metric})")
     table.add_column("row")
     table.add_column(report.metric, justify="right")
+    table.add_column("stderr", justify="right")
     for name, value in report.rows.items():
-        table.add_row(name, f"{value:.4f}")
-    table.add_row("privacy_gap = plugin_tuned - emulator_tuned", f"{report.privacy_gap:+.4f}")
-    table.add_row("utility_gain = plugin_tuned - full_initial", f"{report.utility_gain:+.4f}")
+        table.add_row(name, f"{value:.4f}", f"{report.stderr[name]:.4f}" if name in report.stderr else "")
+    table.add_row("privacy_gap = plugin_tuned - emulator_tuned", f"{report.privacy_gap:+.4f}", "")
+    if (attacker := report.privacy_gap_vs_attacker) is not None:
+        table.add_row("privacy_gap_vs_attacker = plugin_tuned - attacker_tuned", f"{attacker:+.4f}", "")
+    table.add_row("utility_gain = plugin_tuned - full_initial", f"{report.utility_gain:+.4f}", "")
     console.print(table)
+    if report.costs:
+        costs = Table(title="data owner's cost: emulator tuning vs full fine-tuning (same run)")
+        costs.add_column("cost")
+        costs.add_column("value", justify="right")
+        for name, value in report.costs.items():
+            costs.add_row(name, f"{value:,.2f}")
+        console.print(costs)
     console.print(report.sign_note())
     console.print(f"report: {path} (+ .md, .png)")
 
@@ -54,9 +64,9 @@ def simulate_command(
     train: Annotated[Path, typer.Option(help="Training data (JSONL or CSV), partitioned across data owners.")],
     eval_file: Annotated[Path, typer.Option("--eval", help="The coordinator's held-out evaluation data.")],
     report: Annotated[Path, typer.Option(help="Where to write the report JSON (and .md, .png beside it).")],
-    model: Annotated[str | None, typer.Option(help="Hugging Face id or path (default: the embedded "
+    model: Annotated[str | None, typer.Option(help="Hugging Face id, path, or smollm2 (default: the embedded "
                                                    "all-MiniLM-L6-v2).")] = None,
-    task: Annotated[str, typer.Option(help="classification or causal-lm.")] = _default(SIM, "task"),  # type: ignore[assignment]
+    task: Annotated[str, typer.Option(help="classification, causal-lm or multiple-choice.")] = _default(SIM, "task"),  # type: ignore[assignment]
     clients: Annotated[int, typer.Option(help="Simulated data owners.")] = _default(SIM, "clients"),  # type: ignore[assignment]
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = _default(SIM, "rounds"),  # type: ignore[assignment]
     bottom: Annotated[int, typer.Option(help="Adapter blocks at the bottom.")] = _default(SIM, "bottom"),  # type: ignore[assignment]
@@ -72,6 +82,10 @@ def simulate_command(
     batch_size: Annotated[int, typer.Option(help="Local batch size.")] = ROUND.batch_size,
     max_length: Annotated[int, typer.Option(help="Token cap per example.")] = ROUND.max_length,
     baseline: Annotated[str | None, typer.Option(help="full-ft: also fine-tune the full model centrally.")] = None,
+    attacker: Annotated[bool, typer.Option(help="Add the defecting owner's row: heal the emulator on public text, "
+                                                "then fine-tune all of it.")] = False,
+    heal_steps: Annotated[int, typer.Option(help="Attacker's healing steps.")] = _default(SIM, "heal_steps"),  # type: ignore[assignment]
+    cost_steps: Annotated[int, typer.Option(help="Timed steps per cost row.")] = _default(SIM, "cost_steps"),  # type: ignore[assignment]
     distill_steps: Annotated[int, typer.Option(help="Distil the emulator first (0: plain layer drop); the "
                                                     "report then compares both emulators.")] = 0,
     min_replies: Annotated[int | None, typer.Option(help="Fewer accepted deltas abort a round (default: all "
@@ -88,7 +102,8 @@ def simulate_command(
                                 workdir=workdir or Path(tempfile.mkdtemp(prefix="offsite-sim-")), clients=clients,
                                 rounds=rounds, bottom=bottom, top=top, keep=keep, training=training,
                                 partition=partition, baseline=baseline, distill_steps=distill_steps,
-                                min_replies=min_replies)
+                                min_replies=min_replies, attacker=attacker, heal_steps=heal_steps,
+                                cost_steps=cost_steps)
     except EXPECTED as error:
         fail_with(error)
     run_and_report(config, report, verbose)

@@ -14,7 +14,7 @@ from protos.files import atomic_write
 from protos.round_config import RoundConfig
 
 CONFIG_FILE = "simulate.json"
-TASKS = ("causal-lm", "classification")
+TASKS = ("causal-lm", "classification", "multiple-choice")
 PARTITIONS = ("iid", "dirichlet")
 BASELINES = ("full-ft",)
 
@@ -35,6 +35,9 @@ class SimulateConfig(Document):
     partition: str = "iid"
     min_replies: int | None = None  # None: every client
     baseline: str | None = None  # "full-ft": also fine-tune the full model centrally
+    attacker: bool = False  # also the defecting owner: heal the emulator on public text, then tune all of it
+    heal_steps: int = 100  # the attacker's healing budget (optimizer steps of the LM loss on public text)
+    cost_steps: int = 3  # timed training steps each for the cost rows (emulator adapter vs full model)
     distill_steps: int = 0  # 0: owners get the plain layer-drop emulator
     node_wait: float = 30.0
     round_timeout: float = 900.0
@@ -45,11 +48,15 @@ class SimulateConfig(Document):
         if self.rounds < 1:
             raise InvalidSettingError(f"{{rounds}} must be >= 1, got {self.rounds}")
         if self.task not in TASKS:
-            raise InvalidSettingError(f"{{task}} must be causal-lm or classification, got {self.task!r}")
+            raise InvalidSettingError(f"{{task}} must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.partition not in PARTITIONS:
             raise InvalidSettingError(f"{{partition}} must be iid or dirichlet, got {self.partition!r}")
         if self.baseline not in (None, *BASELINES):
             raise InvalidSettingError(f"{{baseline}} must be full-ft, got {self.baseline!r}")
+        if self.heal_steps < 0:
+            raise InvalidSettingError(f"{{heal_steps}} must be >= 0, got {self.heal_steps}")
+        if self.cost_steps < 0:
+            raise InvalidSettingError(f"{{cost_steps}} must be >= 0, got {self.cost_steps}")
         if self.distill_steps < 0:
             raise InvalidSettingError(f"{{distill_steps}} must be >= 0, got {self.distill_steps}")
         if self.min_replies is not None and self.min_replies < 1:
