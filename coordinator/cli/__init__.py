@@ -15,10 +15,12 @@ from coordinator.cli.owners import owners_app
 from coordinator.cli.rounds import round_app
 from coordinator.cli.run import demo_command, eval_command, simulate_command
 from coordinator.cli.serve import serve
+from coordinator.cli.sweep import sweep_command
 
 app = typer.Typer(help="Offsite tuning, model owner's side: build bundles, run rounds, plug in, evaluate.",
                   no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+emulator_app.command("sweep")(sweep_command)
 app.add_typer(emulator_app, name="emulator")
 app.command("simulate")(simulate_command)
 app.command("demo")(demo_command)
