@@ -50,6 +50,8 @@ def load_full_model(verified: VerifiedBundle, model: str | None = None) -> PreTr
 
 def split_of(verified: VerifiedBundle) -> SplitConfig:
     compression = verified.manifest.compression
+    if compression.adapter_blocks:
+        return SplitConfig(adapter_blocks=tuple(compression.adapter_blocks), keep=compression.keep)
     return SplitConfig(compression.bottom, compression.top, compression.keep)
 
 

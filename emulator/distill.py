@@ -87,18 +87,14 @@ def match_pairs(emulator: Emulator, per_block: bool) -> list[tuple[int, int]]:
     Kept block j stands in for full blocks ``kept[j] .. kept[j+1]-1``, so its output should be the full model's
     hidden state at ``kept[j+1]``; the last kept block's output, the end of the full middle.
     """
-    plan = emulator.plan
-    b = len(plan.bottom)
-    targets = plan.kept_middle[1:] + [plan.middle[-1] + 1]
-    pairs = [(b + j + 1, t) for j, t in enumerate(targets)]
+    pairs = emulator.plan.middle_targets  # spread adapters and shared slots included
     return pairs if per_block else pairs[-1:]
 
 
 def student_parameters(emulator: Emulator) -> dict[str, torch.nn.Parameter]:
     """Freeze everything but the kept middle blocks; return those, by name."""
     plan, prefix = emulator.plan, emulator.location.prefix
-    b = len(plan.bottom)
-    wanted = tuple(f"{prefix}.{b + j}." for j in range(len(plan.kept_middle)))
+    wanted = tuple(f"{prefix}.{j}." for j in plan.middle_slots)
     trainable = {}
     for name, param in emulator.model.named_parameters():
         param.requires_grad_(name.startswith(wanted))

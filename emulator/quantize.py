@@ -123,8 +123,7 @@ def quantize_modules(model: nn.Module, names: list[str]) -> None:
 
 
 def middle_prefixes(emulator: Emulator) -> list[str]:
-    b = len(emulator.plan.bottom)
-    return [f"{emulator.location.prefix}.{b + j}" for j in range(len(emulator.plan.kept_middle))]
+    return [f"{emulator.location.prefix}.{j}" for j in emulator.plan.middle_slots]
 
 
 def quantize(emulator: Emulator, method: str = INT8) -> QuantizationInfo | None:

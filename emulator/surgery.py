@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from emulator.errors import EmulatorError
-from emulator.families import BlockLocation, locate_blocks
+from emulator.families import BlockLocation, block_list, locate_blocks
 from emulator.split import LayerPlan, SplitConfig
 from protos.adapter_spec import AdapterSpec, TensorSpec
 from protos.tensors import SAFETENSORS_DTYPES, AdapterMismatchError, check_adapter_tensors
@@ -36,40 +36,71 @@ def _block_index(key: str, prefix: str) -> tuple[int, str] | None:
     return int(index), rest
 
 
-def _subset_per_layer_fields(config: object, n_layers: int, sources: list[int]) -> None:
-    """Config lists with one entry per block (Qwen2's ``layer_types``, say) follow the kept blocks."""
+def _subset_per_layer_fields(config: object, n_layers: int, picks: list[int]) -> None:
+    """Config lists with one entry per block (Qwen2's ``layer_types``, say) follow the picked blocks."""
     for name, value in list(vars(config).items()):
-        if isinstance(value, list | tuple) and len(value) == n_layers and n_layers != len(sources):
-            setattr(config, name, type(value)(value[i] for i in sources))
+        if isinstance(value, list | tuple) and len(value) == n_layers:
+            setattr(config, name, type(value)(value[i] for i in picks))
+
+
+def select_blocks(model: PreTrainedModel, location: BlockLocation, picks: list[int]) -> PreTrainedModel:
+    """A new model of ``model``'s class whose block ``j`` is a copy of ``model``'s block ``picks[j]`` (repeats
+    allowed: each slot gets its own copy); everything outside the blocks is copied as is. ``model`` is untouched."""
+    blocks = len(block_list(model, location))
+    config = copy.deepcopy(model.config)
+    _subset_per_layer_fields(config, blocks, picks)
+    setattr(config, location.n_layers_field, len(picks))
+    new: PreTrainedModel = type(model)(config)
+    nn.Module.to(new, dtype=model.dtype)
+
+    state = model.state_dict()
+    new_state: dict[str, torch.Tensor] = {}
+    for key in new.state_dict():
+        parsed = _block_index(key, location.prefix)
+        new_state[key] = state[key if parsed is None else f"{location.prefix}.{picks[parsed[0]]}.{parsed[1]}"]
+    new.load_state_dict(new_state, strict=True)
+    return new.eval()
+
+
+def emulator_from_plan(full: PreTrainedModel, plan: LayerPlan, location: BlockLocation | None = None) -> Emulator:
+    """The emulator ``plan`` describes, its blocks copied from ``full`` (shared slots as separate copies)."""
+    location = location or locate_blocks(full)
+    return Emulator(select_blocks(full, location, plan.emulator_sources), plan, location)
 
 
 def build_emulator(full: PreTrainedModel, split: SplitConfig) -> Emulator:
     """An ordinary model of the same class holding the adapter blocks and the kept middle blocks."""
     location = locate_blocks(full)
-    plan = split.plan(location.n_layers)
-    sources = plan.emulator_sources
+    return emulator_from_plan(full, split.plan(location.n_layers), location)
 
-    config = copy.deepcopy(full.config)
-    _subset_per_layer_fields(config, location.n_layers, sources)
-    setattr(config, location.n_layers_field, plan.n_emulator_layers)
-    emulator_model: PreTrainedModel = type(full)(config)
-    nn.Module.to(emulator_model, dtype=full.dtype)
 
-    full_state = full.state_dict()
-    emulator_state: dict[str, torch.Tensor] = {}
-    for key in emulator_model.state_dict():
-        parsed = _block_index(key, location.prefix)
-        source_key = key if parsed is None else f"{location.prefix}.{sources[parsed[0]]}.{parsed[1]}"
-        emulator_state[key] = full_state[source_key]
-    emulator_model.load_state_dict(emulator_state, strict=True)
-    emulator_model.eval()
-    return Emulator(emulator_model, plan, location)
+def tie_shared_slots(emulator: Emulator) -> int:
+    """Make the slots that hold one source (CRaSh sharing) share its parameters, in place: one copy in memory.
+
+    Parameters are tied, not modules: each slot keeps its own module (so LLaMA's ``self_attn.layer_idx`` stays
+    right for KV caches). A bundle stores materialised copies (safetensors refuses undeclared shared tensors);
+    a loader calls this to get the memory back. Training the tied slots is not supported: they are frozen middle.
+    Returns the number of parameters tied.
+    """
+    blocks = block_list(emulator.model, emulator.location)
+    tied = 0
+    for slots in emulator.plan.shared.values():
+        first = blocks[slots[0]]
+        for slot in slots[1:]:
+            for name, param in first.named_parameters():
+                owner, _, leaf = name.rpartition(".")
+                target = blocks[slot].get_submodule(owner) if owner else blocks[slot]
+                if not torch.equal(getattr(target, leaf), param):
+                    raise EmulatorError(f"slot {slot} does not hold the same weights as slot {slots[0]}")
+                setattr(target, leaf, param)
+                tied += 1
+    return tied
 
 
 def adapter_spec(full: PreTrainedModel, location: BlockLocation, plan: LayerPlan, method: str = "layers",
                  extra_tensors: tuple[str, ...] = ()) -> AdapterSpec:
     """Every parameter of the adapter blocks (plus ``extra_tensors``, such as a task head), full-model names."""
-    emulator_index = {entry.full_index: entry.emulator_index for entry in plan.entries}
+    emulator_index = {e.full_index: e.emulator_index for e in plan.entries if e.role != "middle"}
     adapter_blocks = set(plan.adapter_blocks)
     tensors = []
     for key, value in full.state_dict().items():

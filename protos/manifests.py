@@ -16,8 +16,9 @@ from protos.documents import Document, DocumentError
 BUNDLE_FORMAT_VERSION = 1
 BUNDLE_KIND = "offsite-bundle"
 JOB_MANIFEST_KIND = "offsite-job-manifest"
-TASKS = ("base", "causal-lm", "classification")
-LAYER_ROLES = ("bottom", "middle", "top")
+TASKS = ("base", "causal-lm", "classification", "multiple-choice")
+CAUSAL_TASKS = ("causal-lm", "multiple-choice")  # both run on a causal LM; multiple choice scores its choices
+LAYER_ROLES = ("bottom", "middle", "top", "adapter")  # "adapter": a block of a spread adapter (explicit placement)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -33,13 +34,15 @@ class BaseModelInfo(Document):
     blocks_prefix: str
     n_layers: int
     num_parameters: int
+    dequantized_from: str | None = None  # the weights' origin when they were dequantised (a GGUF's Q4_1, say)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LayerMapEntry(Document):
     emulator_index: int
-    full_index: int
+    full_index: int  # the full-model block whose weights the slot holds (slots with one source share it)
     role: str
+    stands_for: int | None = None  # a shared slot: the full block whose place it takes
 
     def __post_init__(self) -> None:
         if self.role not in LAYER_ROLES:
@@ -68,12 +71,15 @@ class DistillationInfo(Document):
 
 @dataclass(frozen=True, kw_only=True)
 class CompressionInfo(Document):
-    method: str
+    method: str  # "uniform-layer-drop", or the compressors joined by "+" ("share+rank")
     bottom: int
     top: int
-    keep: int
-    kept_middle: list[int]
+    keep: int  # distinct middle blocks the emulator holds
+    kept_middle: list[int]  # those blocks (full index)
     distillation: DistillationInfo | None = None
+    compressors: list[dict[str, Any]] | None = None  # [{"name": ..., "config": {...}}], in the order they ran
+    adapter_blocks: list[int] | None = None  # a spread adapter's blocks (then bottom = top = 0)
+    shared: dict[str, list[int]] | None = None  # source full block -> the emulator slots holding copies of it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,11 +143,10 @@ class BundleManifest(Document):
 
     @property
     def is_causal(self) -> bool:
-        return self.task == "causal-lm"
+        return self.task in CAUSAL_TASKS
 
     def layer_map_json(self) -> list[dict[str, int | str]]:
-        return [{"emulator_index": e.emulator_index, "full_index": e.full_index, "role": e.role}
-                for e in self.layer_map]
+        return [e.to_json() for e in self.layer_map]
 
     def unsigned_json(self) -> dict[str, Any]:
         """What the signature covers: everything but the signature."""

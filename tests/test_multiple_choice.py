@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from coordinator.simulate import SimulateConfig, simulate
-from emulator.data import DataError, Example, load_examples
+from emulator.data import DataError, load_examples
 from emulator.loading import load_model, load_tokenizer
 from emulator.multiple_choice import ChoiceScores, score_choices, stderr
 from protos.round_config import RoundConfig

@@ -20,7 +20,8 @@ SETTINGS = [
      "compression": [{"name": "share", "config": {"clusters": 2, "calibration_batches": 1, "batch_size": 2,
                                                   "seq_len": 16}}]},
     {"name": "drop-rank", "bottom": 1, "top": 1,
-     "compression": [{"name": "layer_drop", "config": {"keep": 3}}, {"name": "rank", "config": {"rank_fraction": 0.25}}]},
+     "compression": [{"name": "layer_drop", "config": {"keep": 3}},
+                     {"name": "rank", "config": {"rank_fraction": 0.25}}]},
 ]
 
 

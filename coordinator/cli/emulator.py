@@ -15,9 +15,10 @@ from coordinator.distill import distill_bundle
 from coordinator.errors import CoordinatorError
 from coordinator.fidelity_report import fidelity_report, plot_curve, read_curve
 from coordinator.paths import load_or_create_signing_key
+from emulator.compress import compression_plan
 from emulator.distill import DistillConfig
 from emulator.errors import EmulatorError
-from emulator.split import SplitConfig
+from emulator.split import SplitConfig, SplitError
 from protos import crypto
 from protos.bundle import pack_bundle, verify_bundle
 from protos.errors import ProtocolError
@@ -26,6 +27,16 @@ from protos.errors import ProtocolError
 EXPECTED = (EmulatorError, ProtocolError, CoordinatorError, FileExistsError, FileNotFoundError)
 
 emulator_app = typer.Typer(help="Build and inspect emulator bundles.", no_args_is_help=True)
+
+
+def _block_list(text: str | None) -> tuple[int, ...] | None:
+    """``"0,5,18,23"`` -> ``(0, 5, 18, 23)``."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise SplitError(f"{{adapter_blocks}} must be comma-separated block indices, got {text!r}") from error
 
 
 @emulator_app.command("build")
@@ -41,14 +52,24 @@ def emulator_build(
     tar: Annotated[bool, typer.Option(help="Also write OUT.tar.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle at OUT.")] = False,
     quantize: Annotated[str, typer.Option(help="none, or int8: weight-only int8 frozen middle blocks.")] = "none",
+    compressor: Annotated[list[str] | None, typer.Option(
+        help="Middle compressors, in order, repeatable or a comma list: layer_drop (uses --keep), share (CRaSh "
+             "layer sharing, uses --clusters), rank (truncated SVD of attention, uses --rank-fraction). "
+             "Default: layer_drop.")] = None,
+    clusters: Annotated[int | None, typer.Option(help="share: distinct middle blocks kept.")] = None,
+    rank_fraction: Annotated[float | None, typer.Option(help="rank: kept singular values, a fraction in (0, 1].")]
+    = None,
+    adapter_blocks: Annotated[str | None, typer.Option(
+        help="Explicit adapter blocks, full-model indices, e.g. 0,5,18,23 (replaces --bottom / --top).")] = None,
 ) -> None:
-    """Split a model into adapter + emulator (uniform layer drop) and write a signed bundle."""
+    """Split a model into adapter + emulator (uniform layer drop by default) and write a signed bundle."""
     try:
-        split = SplitConfig(bottom=bottom, top=top, keep=keep)
+        plan = compression_plan(compressor or [], keep=keep, clusters=clusters, rank_fraction=rank_fraction)
+        split = SplitConfig(bottom=bottom, top=top, adapter_blocks=_block_list(adapter_blocks))
         signing_key, key_path = load_or_create_signing_key(key)
         with console.status("building the emulator bundle"):
             summary = build_bundle_from_model(model, split, out, signing_key, task=task, force=force,
-                                              quantize=quantize)
+                                              quantize=quantize, compression=plan)
     except EXPECTED as error:
         fail_with(error)
     print_summary(summary)
