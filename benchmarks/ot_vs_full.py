@@ -1,12 +1,20 @@
-"""Offsite-tuning vs full fine-tuning on CPU: training throughput (tokens/s) and peak memory, one model, one run.
+"""Offsite-tuning vs full fine-tuning: training throughput (tokens/s) and peak memory, one model, one run.
 
-Each configuration runs in its own subprocess (``--worker NAME``), so its peak RSS is its own. A worker imports,
-notes its RSS (the baseline), builds its model from a config with a fixed seed (OT: builds the full model, cuts the
-2-8-2 emulator out of it, deletes the full model), resets the kernel's RSS high-water mark (so that building the
-full model, which a data owner never holds, does not count), then trains a few steps with AdamW. Reported memory:
-the absolute peak RSS (``ru_maxrss``) and the training-attributable peak = peak minus baseline; ratios use the latter.
+Each configuration runs in its own subprocess (``--worker NAME``), so its peak memory is its own. A worker imports,
+notes its RSS (the baseline), builds its model (a random GPT-2 medium shape from a config with a fixed seed, or
+``--model smollm2`` / a local checkpoint; OT: builds the full model, cuts the 2-8-2 emulator out of it, deletes the
+full model), resets the kernel's RSS high-water mark (so that building the full model, which a data owner never
+holds, does not count), then trains a few steps with AdamW. Reported memory on CPU: the absolute peak RSS
+(``ru_maxrss``) and the training-attributable peak = peak minus baseline; ratios use the latter. On CUDA the model
+moves to the GPU after building and memory is ``torch.cuda.max_memory_allocated`` (peak reset after building).
 
-    PYTHONPATH=. python benchmarks/ot_vs_full.py [--steps 3] [--seq-len 512] [--quick] [--json PATH]
+Precision (``--dtype``), applied identically to every row: ``fp32``; or ``bf16``, mixed precision: parameters
+that do not train (the emulator's frozen blocks and embeddings, LoRA's base weights) are stored in bf16, trainable
+parameters stay fp32 (master weights; full fine-tuning therefore keeps every weight in fp32), and the forward pass
+and loss run under bf16 autocast. ``--checkpointing`` turns on activation checkpointing for every row.
+
+    PYTHONPATH=. python benchmarks/ot_vs_full.py [--model smollm2] [--device auto|cpu|cuda] [--dtype fp32|bf16]
+        [--checkpointing] [--steps 3] [--seq-len 512] [--quick] [--json PATH]
 
 To add a row, add one entry to ``SETUPS``; rows with a ``ratio_key`` get ``throughput_ratio_<key>=`` and
 ``memory_ratio_<key>=`` lines (OT over full for throughput, full over OT for memory).
@@ -86,26 +94,51 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def worker(name: str, steps: int, warmup: int, seq_len: int, threads: int, quick: bool) -> dict[str, Any]:
+def describe_model(config: Any, model_path: str | None) -> str:
+    shape = f"{config.num_hidden_layers} blocks, d={config.hidden_size}, vocab={config.vocab_size}"
+    if model_path:
+        return f"{Path(model_path).name} ({config.model_type}) {shape}, pretrained, from {model_path}"
+    return f"GPT-2 {shape}, random init"
+
+
+def build_full(model_path: str | None, quick: bool) -> Any:
+    """The full model: a checkpoint (``model_path``) in fp32, or a random GPT-2 of ``model_config(quick)``."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from emulator.loading import load_model
+
+    torch.manual_seed(0)
+    if model_path:
+        return load_model(model_path, "causal-lm")
+    return GPT2LMHeadModel(model_config(quick))
+
+
+def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Build one configuration's model, train ``warmup + steps`` steps, and measure; runs in its own process."""
     import ctypes
     import gc
 
     import torch
-    from transformers import GPT2LMHeadModel
 
+    from emulator.device import autocast, cast_frozen, pick_device, to_device
     from emulator.methods import MethodConfig, make_trainable, method_spec
     from emulator.split import SplitConfig
     from emulator.surgery import adapter_spec, build_emulator, count_parameters
     from emulator.train import TrainConfig, loss_of
 
-    torch.set_num_threads(threads)
+    steps, warmup, seq_len = args.steps, args.warmup, args.seq_len
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    cuda = device.type == "cuda"
     load_before = os.getloadavg()[0]
     baseline = rss_mb()
     setup = SETUPS[name]
-    torch.manual_seed(0)
-    full = GPT2LMHeadModel(model_config(quick))
+    full = build_full(args.model_path, args.quick)
     full_params = count_parameters(full)
+    vocab = int(full.config.vocab_size)
+    model_desc = describe_model(full.config, args.model_path)
     if setup.method is None:
         model: torch.nn.Module = full
     else:
@@ -118,6 +151,19 @@ def worker(name: str, steps: int, warmup: int, seq_len: int, threads: int, quick
         if setup.prepare is not None:
             setup.prepare(emulator)
         model = make_trainable(emulator.model, spec, method)
+    if amp_dtype is not None:
+        cast_frozen(model, amp_dtype)  # frozen weights in bf16; trainable ones stay fp32 (none cast for full FT)
+    if args.checkpointing:
+        get_base_model = getattr(model, "get_base_model", None)  # peft wraps LoRA
+        base: Any = get_base_model() if callable(get_base_model) else model
+        # non-reentrant: frozen embeddings feed the first checkpointed block an input that needs no grad
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    gc.collect()
+    if cuda:
+        model.to(device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    held_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     build_peak, held_after_build = peak_rss_mb(), rss_mb()
     peak_was_reset = reset_peak_rss()
 
@@ -125,38 +171,49 @@ def worker(name: str, steps: int, warmup: int, seq_len: int, threads: int, quick
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach=False: per-tensor updates, no whole-model temporaries (lowers the full fine-tuning peak the most)
     optimizer = torch.optim.AdamW(params, lr=train_config.lr, weight_decay=train_config.weight_decay, foreach=False)
-    vocab = int(model_config(quick).vocab_size)
     input_ids = torch.randint(vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))  # (1, T)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+    batch = to_device({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                       "labels": input_ids.clone()}, device)
     model.train()
     times, losses = [], []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        loss = loss_of(model, batch, "causal-lm")[0]  # the same loss and step as emulator.train.train
+        with autocast(device, amp_dtype):
+            loss = loss_of(model, batch, "causal-lm")[0]  # the same loss and step as emulator.train.train
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train_config.grad_clip)
         optimizer.step()
+        losses.append(float(loss.detach()))  # synchronises CUDA, so the step's time is all in
+        if cuda:
+            torch.cuda.synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
         print(f"{name} step {step + 1}/{warmup + steps}: {time.perf_counter() - start:.1f} s, "
               f"rss {rss_mb():.0f} MB", file=sys.stderr, flush=True)
     peak = peak_rss_mb()
     step_s = sum(times) / len(times)
-    return {
-        "label": setup.label, "method": setup.method or "full", "ratio_key": setup.ratio_key,
+    row = {
+        "label": setup.label, "method": setup.method or "full", "ratio_key": setup.ratio_key, "model": model_desc,
+        "device": str(device), "dtype": args.dtype, "param_dtypes": held_dtypes, "checkpointing": args.checkpointing,
         "params_held": count_parameters(model), "params_full_model": full_params,
         "params_trainable": sum(p.numel() for p in params), "step_s": step_s, "tokens_per_s": seq_len / step_s,
         "baseline_rss_mb": baseline, "held_after_build_mb": held_after_build, "build_peak_rss_mb": build_peak,
         "peak_rss_mb": peak, "train_peak_mb": peak - baseline, "peak_reset_after_build": peak_was_reset,
         "losses": losses, "load_avg_1min_before_after": [load_before, os.getloadavg()[0]],
     }
+    if cuda:  # the GPU's own peak (weights + grads + optimizer + activations) replaces RSS for the ratios
+        row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        row["train_peak_mb"] = row["peak_cuda_mb"]
+    return row
 
 
 def launch(name: str, args: argparse.Namespace) -> subprocess.Popen[str]:
     cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--seq-len", str(args.seq_len), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+           "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--device", args.device,
+           "--dtype", args.dtype] + (["--quick"] if args.quick else []) \
+        + (["--checkpointing"] if args.checkpointing else []) \
+        + (["--model-path", args.model_path] if args.model_path else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
@@ -187,7 +244,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def print_table(results: dict[str, dict[str, Any]]) -> None:
+def print_table(results: dict[str, dict[str, Any]], cuda: bool = False) -> None:
     header = f"{'config':<20} {'trainable':>12} {'held params':>12} {'tokens/s':>9} {'step s':>7} " \
              f"{'peak MB':>9} {'train MB':>9} {'build MB':>9}"
     print(header)
@@ -196,12 +253,17 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         print(f"{row['label']:<20} {row['params_trainable']:>12,} {row['params_held']:>12,} "
               f"{row['tokens_per_s']:>9.1f} {row['step_s']:>7.2f} {row['peak_rss_mb']:>9.0f} "
               f"{row['train_peak_mb']:>9.0f} {row['build_peak_rss_mb']:>9.0f}")
+    if cuda:
+        print("peak MB = absolute peak host RSS; train MB = torch.cuda.max_memory_allocated while training "
+              "(weights + grads + optimizer + activations on the GPU), used for the memory ratios; build MB = peak "
+              "host RSS while building (OT: includes the full model, which a data owner never holds).")
+        return
     print("peak MB = absolute peak RSS while training; train MB = peak RSS minus the RSS right after imports "
           "(weights + grads + optimizer + activations), used for the memory ratios; build MB = peak RSS while "
           "building (OT: includes the full model, which a data owner never holds; excluded by a high-water reset).")
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], path: Path, title: str, memory_label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,10 +274,10 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax_tps.bar(labels, [row["tokens_per_s"] for row in results.values()], color="tab:blue")
     ax_tps.set_ylabel("training tokens/s")
     ax_mem.bar(labels, [row["train_peak_mb"] for row in results.values()], color="tab:orange")
-    ax_mem.set_ylabel("training peak RSS over baseline (MB)")
+    ax_mem.set_ylabel(memory_label)
     for ax in (ax_tps, ax_mem):
         ax.tick_params(axis="x", labelrotation=15)
-    fig.suptitle("Offsite-tuning vs full fine-tuning (CPU, fp32)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -229,32 +291,59 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 2; quick 1)")
     parser.add_argument("--quick", action="store_true", help="a tiny model of the same depth, for a smoke test")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file; the chart goes next to it")
+    parser.add_argument("--model", default=None,
+                        help="smollm2 (the installed SmolLM2-135M-Instruct), or a local checkpoint path or hub id "
+                             "(default: a random GPT-2 medium shape; --quick: a tiny one)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: cuda if available, else cpu (MPS is not measured; default auto)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: frozen weights in bf16 + bf16 autocast, trainable weights fp32 (default fp32)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing on every row")
     parser.add_argument("--worker", choices=sorted(SETUPS), help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", default=None, help=argparse.SUPPRESS)  # resolved --model, for workers
     args = parser.parse_args()
     args.steps = args.steps or 2
     args.seq_len = args.seq_len or (64 if args.quick else 256)  # 512 (the paper's) runs past 10 GiB on 2 cores
     args.threads = args.threads or (1 if args.quick else 2)
     if args.worker:
-        print(RESULT_PREFIX + json.dumps(worker(args.worker, args.steps, args.warmup, args.seq_len, args.threads,
-                                                  args.quick)))
+        print(RESULT_PREFIX + json.dumps(worker(args.worker, args)))
         return
 
+    from emulator.device import pick_device
+    from emulator.errors import EmulatorError
+    from emulator.loading import resolve_model
+
+    try:
+        # fail here, once, not in every worker; auto never picks MPS (no peak-memory counter to compare with)
+        device = pick_device("cpu" if args.device == "auto" and pick_device().type == "mps" else args.device)
+        # resolved once, before the workers start: a GGUF model's first use converts it (concurrent workers would
+        # each convert it)
+        args.model_path = resolve_model(args.model) if args.model else None
+    except EmulatorError as error:
+        raise SystemExit(f"ot_vs_full: {error}") from error
+    args.device = str(device)
+    cuda = device.type == "cuda"
     start = time.perf_counter()
     results = run_all(args)
     summary = ratios(results)
-    config = model_config(args.quick)
-    meta = {"model": f"GPT-2 {config.n_layer} blocks, d={config.n_embd}, vocab={config.vocab_size}, random init",
-            "split": "-".join(map(str, (SPLIT[0], SPLIT[2], SPLIT[1]))), "dtype": "float32", "threads": args.threads,
+    dtype = "float32" if args.dtype == "fp32" else "bf16 mixed (frozen bf16, trainable fp32, autocast)"
+    memory_basis = "torch.cuda.max_memory_allocated while training" if cuda else "peak RSS minus RSS after imports"
+    meta = {"model": results["full"]["model"], "split": "-".join(map(str, (SPLIT[0], SPLIT[2], SPLIT[1]))),
+            "device": args.device, "dtype": dtype, "checkpointing": args.checkpointing, "threads": args.threads,
             "batch": 1, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
-            "memory_ratio_basis": "peak RSS minus RSS after imports", "wall_s": time.perf_counter() - start}
+            "memory_ratio_basis": memory_basis, "wall_s": time.perf_counter() - start}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results, "ratios": summary}, indent=2) + "\n")
-    plot(results, args.json.with_suffix(".png"))
+    checkpointing = ", activation checkpointing" if args.checkpointing else ""
+    plot(results, args.json.with_suffix(".png"),
+         f"Offsite-tuning vs full fine-tuning ({device.type.upper()}, {args.dtype}{checkpointing})",
+         "training peak CUDA memory (MB)" if cuda else "training peak RSS over baseline (MB)")
 
     quick_note = "; QUICK: workers ran concurrently, timings contend" if args.quick else ""
-    print(f"model: {meta['model']}; split {meta['split']}; fp32 CPU, {args.threads} threads; "
-          f"batch 1 x {args.seq_len} tokens; {args.warmup} warm-up + {args.steps} timed AdamW steps{quick_note}")
-    print_table(results)
+    print(f"model: {meta['model']}; split {meta['split']}; {args.dtype} {device.type.upper()}{checkpointing}, "
+          f"{args.threads} threads; batch 1 x {args.seq_len} tokens; {args.warmup} warm-up + {args.steps} timed "
+          f"AdamW steps{quick_note}")
+    print_table(results, cuda)
     print(f"wrote {args.json} and {args.json.with_suffix('.png')} ({meta['wall_s']:.0f} s)")
     # The issues fix the tail: the four layers/lora lines, then memory_ratio_lora_int8 last.
     tail = ["throughput_ratio_layers", "memory_ratio_layers", "throughput_ratio_lora", "memory_ratio_lora",
