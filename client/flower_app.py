@@ -17,6 +17,7 @@ from client.owner import owner_data, train_round
 from client.receipts import save_receipt
 from client.settings import NODE_CONFIG_KEYS, OwnerSettings
 from client.transport import CoordinatorClient
+from emulator.device import pick_device
 from emulator.methods import MethodConfig
 from emulator.train import TrainConfig
 from protos import crypto
@@ -91,7 +92,7 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
         seed = round_config.seed + 7919 * settings.partition_id + round_config.round
         result, _ = train_round(bundle, global_adapter, train_examples, val_examples,
                                 MethodConfig.from_round(round_config), TrainConfig.from_round(round_config, seed=seed),
-                                show_progress=settings.progress)
+                                show_progress=settings.progress, device=pick_device(settings.device))
         receipt = client.submit_delta(job, round_config.round, result.delta, owner_key,
                                       num_examples=result.num_examples)
     save_receipt(settings.cache_dir / "receipts", receipt)  # for `offsite-client status --receipts`

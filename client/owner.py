@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from client.errors import OwnerSettingsError
 from emulator.aggregate import delta_of
 from emulator.data import Example, load_examples
+from emulator.device import pick_device
 from emulator.methods import MethodConfig, extract, load, make_trainable, method_spec
 from emulator.quantize import load_emulator
 from emulator.train import TrainConfig, evaluate, train
@@ -62,8 +63,9 @@ class RoundResult:
 
 def train_round(bundle: VerifiedBundle, global_adapter: Mapping[str, torch.Tensor], train_examples: list[Example],
                 val_examples: list[Example], method: MethodConfig, config: TrainConfig, *,
-                show_progress: bool = True) -> tuple[RoundResult, AdapterSpec]:
-    """Train the adapter on the emulator from the global adapter; return the delta and validation metrics."""
+                show_progress: bool = True, device: torch.device | None = None) -> tuple[RoundResult, AdapterSpec]:
+    """Train the adapter on the emulator from the global adapter (on ``device``: CUDA when present, by default);
+    return the delta and validation metrics."""
     task = bundle.manifest.task
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_dir, trust_remote_code=False)
     emulator = load_emulator(bundle)  # plain or int8, with the head class the manifest names
@@ -71,12 +73,14 @@ def train_round(bundle: VerifiedBundle, global_adapter: Mapping[str, torch.Tenso
     torch.manual_seed(config.seed)
     model = make_trainable(emulator, spec, method)
     load(model, spec, global_adapter)
+    model.to(device or pick_device())
     stats = train(model, train_examples, tokenizer, task, config, show_progress=show_progress)
     metrics: dict[str, float] = {"train_loss": stats["train_loss"]}
     if val_examples:
         for key, value in evaluate(model, val_examples, tokenizer, task, max_length=config.max_length,
                                    show_progress=show_progress).items():
             metrics[f"val_{key}"] = value
+    model.to("cpu")  # the delta travels from host memory
     delta = delta_of(extract(model, spec), global_adapter)
     return RoundResult(delta, len(train_examples), metrics), spec
 

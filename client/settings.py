@@ -40,6 +40,7 @@ class OwnerSettings:
     seed: int = 0
     val_fraction: float = 0.1
     torch_threads: int = 0  # 0: half the cores
+    device: str = "auto"  # auto: CUDA when present, else CPU (emulator.device.pick_device)
     progress: bool = True
 
     def __post_init__(self) -> None:

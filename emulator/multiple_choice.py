@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from emulator.corpus import prepare_tokenizer
 from emulator.data import Example
+from emulator.device import autocast, autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def score_choices(model: nn.Module, examples: Sequence[Example], tokenizer: PreT
         for row, i in enumerate(chunk):
             ids[row, : len(pairs[i][0])] = torch.tensor(pairs[i][0])
             mask[row, : len(pairs[i][0])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        with autocast(device, autocast_dtype(device)):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): position t predicts token t+1
         token_lp = logprobs.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()  # (B, T-1)
         for row, i in enumerate(chunk):

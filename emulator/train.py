@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from emulator.corpus import prepare_tokenizer
 from emulator.data import Example
+from emulator.device import autocast, autocast_dtype, to_device
 from emulator.errors import EmulatorConfigError
 from emulator.multiple_choice import score_choices
 from protos.round_config import RoundConfig
@@ -98,8 +99,9 @@ def loss_of(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tupl
     """Mean loss of a batch, the number of items it averages over (tokens or examples), and the logits. The batch
     moves to the model's device."""
     device = next(model.parameters()).device
-    batch = {name: tensor.to(device) for name, tensor in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    batch = to_device(batch, device)
+    with autocast(device, autocast_dtype(device)):  # bf16 on CUDA where supported; plain fp32 on CPU
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     if task == "classification":
         return nn.functional.cross_entropy(logits, batch["labels"]), len(batch["labels"]), logits
     shifted = logits[:, :-1, :].reshape(-1, logits.shape[-1])  # (B*(T-1), V): position t predicts t+1

@@ -106,3 +106,36 @@ def test_simulate_reports_five_settings_attacker_and_costs(tmp_path: Path) -> No
     assert costs["emulator_mb"] < costs["full_mb"] and costs["adapter_mb"] > 0
     assert costs["emulator_tokens_per_s"] > 0 and costs["full_peak_rss_mb"] > 0
     assert (tmp_path / "report.png").stat().st_size > 0 and "attacker_tuned" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("task", ["wordnet-definitions", "wordnet-hypernyms"])
+def test_shipped_tasks_load_and_stay_apart_from_the_public_corpus(task: str) -> None:
+    from emulator.corpus import default_corpus
+    from emulator.shipped_tasks import shipped_tasks, task_dir
+
+    assert task in shipped_tasks()
+    train = load_examples(task_dir(task) / "train.jsonl", "multiple-choice")
+    evaluation = load_examples(task_dir(task) / "eval.jsonl", "multiple-choice")
+    assert len(train) >= 1000 and len(evaluation) >= 300
+    assert not {e.text for e in train} & {e.text for e in evaluation}, "an eval prompt is also a training prompt"
+    answers = [e.answer for e in evaluation]
+    assert max(answers.count(i) for i in range(4)) < 0.4 * len(answers), "the right answer's slot is guessable"
+    public = default_corpus().read_text()
+    leaked = [e.text for e in evaluation if e.text in public]
+    assert not leaked, leaked[:3]
+
+
+def test_unknown_shipped_task_is_named() -> None:
+    from emulator.shipped_tasks import task_dir
+
+    with pytest.raises(DataError, match="wordnet-definitions"):
+        task_dir("wordnet-nonsense")
+
+
+def test_llm_demo_config_is_a_valid_run(tmp_path: Path) -> None:
+    from coordinator.simulate.llm_demo import llm_demo_config
+
+    config = llm_demo_config(tmp_path / "run", train_items=10, eval_items=5)
+    assert config.model == "smollm2" and config.task == "multiple-choice" and config.attacker
+    assert len(load_examples(config.train_file, "multiple-choice")) == 10
+    assert config.compression_plan is not None and config.split_config.bottom == 2

@@ -41,12 +41,13 @@ class NodeFiles:
         return [name for name in names if not self[name].is_file()]
 
 
-def node_config(files: NodeFiles, *, coordinator: str, job: str, train: Path, cache: Path) -> str:
+def node_config(files: NodeFiles, *, coordinator: str, job: str, train: Path, cache: Path,
+                device: str = "auto") -> str:
     """Flower's ``--node-config`` string: the owner's whole train file, its keys, its cache, its one job."""
     values: Mapping[str, str | int] = {
         "partition-id": 0, "num-partitions": 1, "job-id": job, "coordinator": coordinator,
         "root-cert": str(files[CA_CERT]), "coordinator-key": str(files[COORDINATOR_PUB]),
-        "owner-key": str(files[OWNER_KEY]), "cache-dir": str(cache), "train-file": str(train),
+        "owner-key": str(files[OWNER_KEY]), "cache-dir": str(cache), "train-file": str(train), "device": device,
     }
     return " ".join(f"{key}={value}" if isinstance(value, int) else f'{key}="{value}"'
                     for key, value in values.items())
@@ -70,12 +71,13 @@ def _flower_binary(name: str) -> str:
 
 
 def supernode_command(files: NodeFiles, *, superlink: str, coordinator: str, job: str, train: Path, cache: Path,
-                      port: int) -> list[str]:
+                      port: int, device: str = "auto") -> list[str]:
     """The ``flower-supernode`` command line (by name) ``node start`` runs."""
     return ["flower-supernode", "--superlink", superlink,
             "--root-certificates", str(files[CA_CERT]), "--auth-supernode-private-key", str(files[SUPERNODE_KEY]),
             "--host", "127.0.0.1", "--port", str(port),  # its ClientApp API has no authentication: loopback only
-            "--node-config", node_config(files, coordinator=coordinator, job=job, train=train, cache=cache)]
+            "--node-config", node_config(files, coordinator=coordinator, job=job, train=train, cache=cache,
+                                         device=device)]
 
 
 @node_app.command("start")
@@ -88,6 +90,8 @@ def start(superlink: Annotated[str, typer.Option(help="The SuperLink's Fleet add
                             "trusted-apps.json (default: $OFFSITE_HOME/client).")] = None,
           cache: Annotated[Path | None, typer.Option(help="Bundle cache and receipts (default: DIR/cache).")] = None,
           port: Annotated[int, typer.Option(help="Local port of the SuperNode's ClientApp API.")] = 9094,
+          device: Annotated[str, typer.Option(help="Training device: auto (CUDA when present), cpu, cuda, "
+                                                   "cuda:N.")] = "auto",
           dry_run: Annotated[bool, typer.Option(help="Print the command instead of running it.")] = False) -> None:
     """Start this owner's SuperNode: TLS, its registered node key, only coordinator-signed app bundles."""
     files = NodeFiles((directory or default_client_dir()).resolve())
@@ -98,7 +102,7 @@ def start(superlink: Annotated[str, typer.Option(help="The SuperLink's Fleet add
     cache = (cache or files["cache"]).resolve()
     bin_dir = cache / "bin"
     command = supernode_command(files, superlink=superlink, coordinator=coordinator, job=job, train=train.resolve(),
-                                cache=cache, port=port)
+                                cache=cache, port=port, device=device)
     command[0] = _flower_binary(command[0])
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(command[0]).parent}{os.pathsep}"
                                  f"{os.environ.get('PATH', '')}",

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from coordinator.bundles import BuildSummary
 from coordinator.paths import default_coordinator_dir
+from emulator.split import SplitError
 from protos.errors import ExitCode, describe
 
 console = Console()
@@ -49,3 +50,13 @@ def print_summary(summary: BuildSummary, title: str = "emulator bundle") -> None
     for name, value in summary.rows():
         table.add_row(name, value)
     console.print(table)
+
+
+def block_list(text: str | None) -> tuple[int, ...] | None:
+    """``"0,5,18,23"`` -> ``(0, 5, 18, 23)``."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise SplitError(f"{{adapter_blocks}} must be comma-separated block indices, got {text!r}") from error

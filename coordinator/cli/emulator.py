@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from coordinator.bundles import build_bundle_from_model
-from coordinator.cli.common import KeyOption, console, fail_with, print_summary
+from coordinator.cli.common import KeyOption, block_list, console, fail_with, print_summary
 from coordinator.distill import distill_bundle
 from coordinator.errors import CoordinatorError
 from coordinator.fidelity_report import fidelity_report, plot_curve, read_curve
@@ -18,7 +18,7 @@ from coordinator.paths import load_or_create_signing_key
 from emulator.compress import compression_plan
 from emulator.distill import DistillConfig
 from emulator.errors import EmulatorError
-from emulator.split import SplitConfig, SplitError
+from emulator.split import SplitConfig
 from protos import crypto
 from protos.bundle import pack_bundle, verify_bundle
 from protos.errors import ProtocolError
@@ -27,16 +27,6 @@ from protos.errors import ProtocolError
 EXPECTED = (EmulatorError, ProtocolError, CoordinatorError, FileExistsError, FileNotFoundError)
 
 emulator_app = typer.Typer(help="Build and inspect emulator bundles.", no_args_is_help=True)
-
-
-def _block_list(text: str | None) -> tuple[int, ...] | None:
-    """``"0,5,18,23"`` -> ``(0, 5, 18, 23)``."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise SplitError(f"{{adapter_blocks}} must be comma-separated block indices, got {text!r}") from error
 
 
 @emulator_app.command("build")
@@ -65,7 +55,7 @@ def emulator_build(
     """Split a model into adapter + emulator (uniform layer drop by default) and write a signed bundle."""
     try:
         plan = compression_plan(compressor or [], keep=keep, clusters=clusters, rank_fraction=rank_fraction)
-        split = SplitConfig(bottom=bottom, top=top, adapter_blocks=_block_list(adapter_blocks))
+        split = SplitConfig(bottom=bottom, top=top, adapter_blocks=block_list(adapter_blocks))
         signing_key, key_path = load_or_create_signing_key(key)
         with console.status("building the emulator bundle"):
             summary = build_bundle_from_model(model, split, out, signing_key, task=task, force=force,

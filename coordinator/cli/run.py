@@ -9,12 +9,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from coordinator.cli.common import VerboseOption, console, fail_with
+from coordinator.cli.common import VerboseOption, block_list, console, fail_with
 from coordinator.demo_data import demo_dataset
-from coordinator.errors import CoordinatorError
+from coordinator.errors import CoordinatorError, InvalidSettingError
 from coordinator.plugin_report import PluginReport
 from coordinator.simulate import SimulateConfig, evaluate_run, setup, simulate
+from coordinator.simulate.llm_demo import LLM_DEMO_TASK, llm_demo_config
 from coordinator.simulate.runtime import quiet_libraries
+from emulator.compress import compression_plan
 from emulator.errors import EmulatorError
 from protos.errors import ProtocolError
 from protos.round_config import RoundConfig
@@ -72,6 +74,12 @@ def simulate_command(
     bottom: Annotated[int, typer.Option(help="Adapter blocks at the bottom.")] = _default(SIM, "bottom"),  # type: ignore[assignment]
     top: Annotated[int, typer.Option(help="Adapter blocks at the top.")] = _default(SIM, "top"),  # type: ignore[assignment]
     keep: Annotated[int | None, typer.Option(help="Middle blocks the emulator keeps.")] = _default(SIM, "keep"),  # type: ignore[assignment]
+    compressor: Annotated[list[str] | None, typer.Option(help="Emulator compressors in order: layer_drop, share, "
+                                                              "rank (repeat or comma list).")] = None,
+    clusters: Annotated[int | None, typer.Option(help="share: distinct middle blocks kept.")] = None,
+    rank_fraction: Annotated[float | None, typer.Option(help="rank: singular values kept, as a fraction.")] = None,
+    adapter_blocks: Annotated[str | None, typer.Option(help="Explicit adapter blocks, e.g. 0,9,20,29 (bottom/top "
+                                                            "then unused).")] = None,
     method: Annotated[str, typer.Option(help="layers, lora or bitfit.")] = ROUND.method,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = ROUND.lora_r,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = ROUND.lora_alpha,
@@ -98,33 +106,53 @@ def simulate_command(
     try:
         training = RoundConfig(method=method, lora_r=lora_r, lora_alpha=lora_alpha, epochs=epochs, lr=lr,
                                batch_size=batch_size, max_length=max_length, seed=seed)
+        plan = None
+        if compressor or clusters is not None or rank_fraction is not None:
+            plan = compression_plan(compressor or [], keep=keep, clusters=clusters, rank_fraction=rank_fraction)
         config = SimulateConfig(model=model, task=task, train_file=train, eval_file=eval_file,
                                 workdir=workdir or Path(tempfile.mkdtemp(prefix="offsite-sim-")), clients=clients,
-                                rounds=rounds, bottom=bottom, top=top, keep=keep, training=training,
+                                rounds=rounds, bottom=bottom, top=top, keep=None if plan else keep, training=training,
+                                adapter_blocks=list(blocks) if (blocks := block_list(adapter_blocks)) else None,
+                                compression=plan.to_json() if plan else None,
                                 partition=partition, baseline=baseline, distill_steps=distill_steps,
                                 min_replies=min_replies, attacker=attacker, heal_steps=heal_steps,
                                 cost_steps=cost_steps)
     except EXPECTED as error:
-        fail_with(error)
+        fail_with(error, {"compressor": "--compressor", "adapter_blocks": "--adapter-blocks"})
     run_and_report(config, report, verbose)
 
 
 def demo_command(
-    workdir: Annotated[Path, typer.Option(help="Run directory; resumes if it exists.")] = Path("offsite-demo"),
+    workdir: Annotated[Path | None, typer.Option(help="Run directory; resumes if it exists (default: "
+                                                      "./offsite-demo, or ./offsite-demo-smollm2).")] = None,
+    model: Annotated[str | None, typer.Option(help="smollm2: the LLM demo (needs the llm extra; about 12 "
+                                                   "minutes on 2 cores). Default: the embedded MiniLM.")] = None,
+    task: Annotated[str, typer.Option(help="The LLM demo's shipped multiple-choice task: wordnet-definitions or "
+                                           "wordnet-hypernyms.")] = LLM_DEMO_TASK,
     baseline: Annotated[str, typer.Option(help="full-ft, or none to skip the full fine-tuning row.")] = "full-ft",
     distill_steps: Annotated[int, typer.Option(help="Distillation steps for the owners' emulator.")]
     = DEMO_DISTILL_STEPS,
     verbose: VerboseOption = False,
 ) -> None:
     """The embedded default, end to end: all-MiniLM-L6-v2 (1-2-1 emulator, distilled), WordNet glosses,
-    2 data owners, 2 rounds, and the report with the full fine-tuning baseline."""
+    2 data owners, 2 rounds, and the report with the full fine-tuning baseline. With --model smollm2: the real LLM
+    on a shipped multiple-choice task, with the attacker row and the cost rows."""
     try:
-        data = demo_dataset()
-        # Everything else is simulate's own default.
-        config = SimulateConfig(train_file=data / "train.jsonl", eval_file=data / "eval.jsonl", workdir=workdir,
-                                baseline=None if baseline == "none" else baseline, distill_steps=distill_steps)
+        if model not in (None, "smollm2"):
+            raise InvalidSettingError(f"{{model}} the demo runs the embedded MiniLM or smollm2, not {model!r}; "
+                                      "use simulate for other models")
+        if model == "smollm2":
+            workdir = workdir or Path("offsite-demo-smollm2")
+            config = llm_demo_config(workdir, task=task, baseline=None if baseline == "none" else baseline)
+        else:
+            workdir = workdir or Path("offsite-demo")
+            data = demo_dataset()
+            # Everything else is simulate's own default.
+            config = SimulateConfig(train_file=data / "train.jsonl", eval_file=data / "eval.jsonl",
+                                    workdir=workdir, baseline=None if baseline == "none" else baseline,
+                                    distill_steps=distill_steps)
     except EXPECTED as error:
-        fail_with(error)
+        fail_with(error, {"model": "--model"})
     run_and_report(config, workdir / "report.json", verbose)
 
 

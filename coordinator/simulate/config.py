@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from coordinator.errors import InvalidSettingError
+from emulator.compress import CompressionPlan
+from emulator.device import pick_device
 from emulator.methods import MethodConfig
+from emulator.split import SplitConfig
 from emulator.train import TrainConfig
 from protos.documents import Document
 from protos.files import atomic_write
@@ -30,7 +34,9 @@ class SimulateConfig(Document):
     rounds: int = 2
     bottom: int = 1
     top: int = 1
-    keep: int | None = 2
+    keep: int | None = 2  # uniform layer drop; with ``compression``, say keep in its layer_drop step instead
+    adapter_blocks: list[int] | None = None  # explicit adapter placement (bottom/top then unused)
+    compression: list[dict[str, Any]] | None = None  # an emulator.compress.CompressionPlan as JSON
     training: RoundConfig = field(default_factory=RoundConfig)  # method, LoRA, epochs, lr, ... sent each round
     partition: str = "iid"
     min_replies: int | None = None  # None: every client
@@ -39,6 +45,7 @@ class SimulateConfig(Document):
     heal_steps: int = 100  # the attacker's healing budget (optimizer steps of the LM loss on public text)
     cost_steps: int = 3  # timed training steps each for the cost rows (emulator adapter vs full model)
     distill_steps: int = 0  # 0: owners get the plain layer-drop emulator
+    device: str = "auto"  # owners' training and the evaluation: CUDA when present, else CPU
     node_wait: float = 30.0
     round_timeout: float = 900.0
 
@@ -64,8 +71,31 @@ class SimulateConfig(Document):
         for name in ("train_file", "eval_file"):
             if not Path(getattr(self, name)).is_file():
                 raise InvalidSettingError(f"{{{name}}} {getattr(self, name)}: no such file")
+        if self.compression is not None and self.keep is not None:
+            raise InvalidSettingError("{keep} belongs to the layer_drop step when {compression} is given")
+        pick_device(self.device)  # an unavailable device is refused before anything runs
+        self.split_config  # noqa: B018 - validates the placement
+        self.compression_plan  # noqa: B018
         self.method_config  # noqa: B018 - validates the method's own settings
         self.train_config  # noqa: B018
+
+    @property
+    def split_config(self) -> SplitConfig:
+        if self.adapter_blocks is not None:
+            return SplitConfig(adapter_blocks=tuple(self.adapter_blocks), keep=self.keep)
+        return SplitConfig(self.bottom, self.top, self.keep)
+
+    @property
+    def compression_plan(self) -> CompressionPlan | None:
+        return None if self.compression is None else CompressionPlan.from_json(self.compression)
+
+    @property
+    def split_name(self) -> str:
+        if self.compression is None and self.adapter_blocks is None:
+            return f"{self.bottom}-{self.keep}-{self.top}"
+        plan = self.compression_plan
+        where = f"adapter {self.adapter_blocks}" if self.adapter_blocks else f"{self.bottom}+{self.top} adapter"
+        return f"{where}, {plan.describe() if plan else f'keep {self.keep}'}"
 
     @property
     def method_config(self) -> MethodConfig:

@@ -25,6 +25,7 @@ from coordinator.simulate.config import SimulateConfig
 from coordinator.simulate.setup import Setup, Variant, coordinator_public_key
 from emulator.corpus import default_corpus, read_documents, split_documents
 from emulator.data import load_examples
+from emulator.device import pick_device
 from emulator.loading import load_model, load_tokenizer
 from emulator.methods import method_spec
 from emulator.quantize import load_emulator
@@ -43,12 +44,15 @@ def evaluate_run(config: SimulateConfig, prepared: Setup, report_path: Path) -> 
     """Plug the final global adapter into the full model and write the plug-in report (JSON, MD, PNG)."""
     work = config.workdir
     primary, others = prepared.variants[0], prepared.variants[1:]
+    device = pick_device(config.device)
     full = load_model(prepared.full_model_dir, config.task)
+    torch.nn.Module.to(full, device)
     tokenizer = load_tokenizer(prepared.full_model_dir)
     eval_examples = load_examples(config.eval_file, config.task, prepared.labels)
 
     def inputs_for(variant: Variant) -> EvalInputs:
         emulator = load_emulator(variant.bundle)
+        torch.nn.Module.to(emulator, device)
         return EvalInputs(full=full, emulator=emulator, tokenizer=tokenizer, task=config.task,
                           spec=method_spec(variant.bundle.adapter_spec, emulator, config.method_config),
                           method=config.method_config, eval_examples=eval_examples,
@@ -94,7 +98,7 @@ def evaluate_run(config: SimulateConfig, prepared: Setup, report_path: Path) -> 
         "rounds": [{k: v for k, v in r.to_json().items() if k != "owner_metrics"}
                    for r in Progress.load(primary.checkpoints(work)).rounds],
         "method": config.training.method, "clients": config.clients, "model": base_model_id(config.model),
-        "split": f"{config.bottom}-{config.keep}-{config.top}", "task": config.task,
+        "split": config.split_name, "task": config.task,
     })
     report.write(report_path)
     return report

@@ -96,6 +96,7 @@ def client_settings(config: SimulateConfig, variant: Variant, address: str) -> d
         "cache-dir": str(work / "owner-cache"),
         "train-file": str(Path(config.train_file).resolve()), "partition": config.partition,
         "seed": config.training.seed, "torch-threads": max(1, (os.cpu_count() or 2) // config.clients),
+        "device": config.device,
     }
 
 

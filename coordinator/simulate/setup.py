@@ -22,7 +22,6 @@ from emulator.distill import DistillConfig
 from emulator.loading import load_model, load_tokenizer, resolve_model
 from emulator.methods import extract, head_parameters, make_trainable, method_spec
 from emulator.quantize import load_emulator
-from emulator.split import SplitConfig
 from protos import crypto
 from protos.bundle import MANIFEST, VerifiedBundle, verify_bundle_dir
 
@@ -94,8 +93,8 @@ def _bundles(config: SimulateConfig, full_dir: Path, key: Ed25519PrivateKey,
     full = load_model(str(full_dir), config.task)
     if not (plain / MANIFEST).exists():
         with console.status("building the signed layer-drop bundle"):
-            build_bundle(full, str(full_dir), base_model_id(config.model),
-                         SplitConfig(config.bottom, config.top, config.keep), plain, key, task=config.task,
+            build_bundle(full, str(full_dir), base_model_id(config.model), config.split_config, plain, key,
+                         task=config.task, compression=config.compression_plan,
                          # a new classification head trains with the adapter; an LM head stays frozen (as in the paper)
                          extra_adapter_tensors=head_parameters(full) if config.task == "classification" else (),
                          labels=labels, force=True)
