@@ -1,9 +1,10 @@
 """What a data owner pays: tuning the adapter on the emulator against fine-tuning the full model, measured in one run.
 
 Each side trains ``steps`` optimizer steps with the same batches and settings in its own spawned process, so its peak
-RSS is its own: the process notes its RSS after imports (the baseline), loads its model (the emulator from the
-verified bundle; the full model from the coordinator's directory), trains, and reports tokens/s and the peak RSS
-above the baseline (``ru_maxrss``). Sizes count parameter bytes as they are held for training.
+RSS is its own: the process notes its RSS after imports (the baseline) and resets the kernel's high-water mark (a
+spawned child inherits its parent's), loads its model (the emulator from the verified bundle; the full model from
+the coordinator's directory), trains, and reports tokens/s and the peak RSS above the baseline (``VmHWM``). Sizes
+count parameter bytes as they are held for training.
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ def _rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / MB
 
 
+def _reset_peak() -> None:
+    """Reset the RSS high-water mark: a spawned child starts with its parent's (it survives fork and exec)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    """VmHWM (the high-water mark since the last reset), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _measure(probe: CostProbe, results: Any) -> None:
     import torch
     from safetensors.torch import load_file
@@ -57,6 +79,7 @@ def _measure(probe: CostProbe, results: Any) -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     baseline = _rss_mb()
+    _reset_peak()
     bundle = verify_bundle_dir(probe.bundle_dir, crypto.load_public_key(probe.coordinator_pub))
     emulator = load_emulator(bundle)
     spec: AdapterSpec = method_spec(bundle.adapter_spec, emulator, probe.method)
@@ -74,7 +97,7 @@ def _measure(probe: CostProbe, results: Any) -> None:
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     record = train(model, examples, load_tokenizer(str(probe.full_model_dir)), probe.task, probe.training,
                    desc=f"cost: {probe.side}", show_progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _peak_mb()
     results.put({"tokens_per_s": record["tokens_per_s"], "peak_rss_mb": peak - baseline,
                  "trainable_parameters": float(trainable), "model_mb": size / MB})
 

@@ -88,3 +88,27 @@ def test_multiple_choice_scoring_on_the_real_model(smollm2: Path, tmp_path: Path
     metrics = scores.metrics()
     assert metrics["acc"] == 1.0 and metrics["n"] == 2.0  # a real model, not a random one
     assert all(v < 0 for item in scores.loglik for v in item)
+
+
+def test_lora_on_an_int8_emulator_plugs_in(smollm2: Path, tmp_path: Path) -> None:
+    from emulator.quantize import quantize
+
+    torch.manual_seed(0)
+    full, tokenizer = load_model(str(smollm2), "causal-lm"), load_tokenizer(str(smollm2))
+    emulator = build_emulator(full, SplitConfig(bottom=2, top=2, keep=4))
+    assert quantize(emulator) is not None  # the frozen middle in int8
+    lora = MethodConfig("lora", lora_r=4, lora_alpha=8)
+    spec = method_spec(adapter_spec(full, emulator.location, emulator.plan), emulator.model, lora)
+    assert all(".lora_" in t.name for t in spec.tensors)
+    trainable = make_trainable(emulator.model, spec, lora)
+    rows = [{"prompt": "The sky is", "choices": [" blue", " loud"], "answer": 0}] * 4
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train(trainable, load_examples(tmp_path / "mc.jsonl", "multiple-choice"), tokenizer, "multiple-choice",
+          TrainConfig(epochs=1, lr=1e-3, batch_size=4, max_length=16), show_progress=False)
+    tuned = extract(trainable, spec)
+    assert any(float(t.abs().sum()) > 0 for n, t in tuned.items() if "lora_B" in n)  # B left zero: it trained
+    ids = tokenizer("The sky is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = full(input_ids=ids).logits
+        after = plug(full, spec, tuned, lora)(input_ids=ids).logits  # merged into the full model's blocks
+    assert not torch.equal(before, after) and torch.isfinite(after).all()
