@@ -138,4 +138,4 @@ def test_llm_demo_config_is_a_valid_run(tmp_path: Path) -> None:
     config = llm_demo_config(tmp_path / "run", train_items=10, eval_items=5)
     assert config.model == "smollm2" and config.task == "multiple-choice" and config.attacker
     assert len(load_examples(config.train_file, "multiple-choice")) == 10
-    assert config.compression_plan is not None and config.split_config.bottom == 2
+    assert config.compression_plan is not None and config.split_config.bottom == 3

@@ -1,6 +1,6 @@
 """``demo --model smollm2``: the LLM pipeline end to end on 2 CPU cores in under 15 minutes.
 
-SmolLM2-135M-Instruct (30 LLaMA blocks) split 2-8-2 as in the paper, a shipped multiple-choice task (WordNet, kept
+SmolLM2-135M-Instruct (30 LLaMA blocks) split 3-12-3 (the sweep's best setting), a shipped multiple-choice task (WordNet, kept
 apart from the docstrings emulators are healed on), 2 data owners x 2 rounds, and the report with the paper's five
 settings, the attacker who heals and tunes the whole emulator, and the cost rows. The task files are cut to
 ``train_items`` and ``eval_items`` (the first lines, written into the run directory) so the run fits the budget.
@@ -18,8 +18,8 @@ from protos.round_config import RoundConfig
 
 LLM_DEMO_TASK = "wordnet-definitions"
 # The sweep's choice for SmolLM2 (README: "The real LLM"): adapter placement and the compression plan's JSON.
-LLM_DEMO_BOTTOM, LLM_DEMO_TOP = 2, 2
-LLM_DEMO_COMPRESSION: list[dict[str, Any]] = [{"name": "layer_drop", "config": {"keep": 8}}]
+LLM_DEMO_BOTTOM, LLM_DEMO_TOP = 3, 3
+LLM_DEMO_COMPRESSION: list[dict[str, Any]] = [{"name": "layer_drop", "config": {"keep": 12}}]
 
 
 def _head(source: Path, target: Path, lines: int) -> Path:
