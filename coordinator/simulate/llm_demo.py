@@ -1,8 +1,8 @@
 """``demo --model smollm2``: the LLM pipeline end to end on 2 CPU cores in under 15 minutes.
 
-SmolLM2-135M-Instruct (30 LLaMA blocks) split 3-12-3 (the sweep's best setting), a shipped multiple-choice task (WordNet, kept
-apart from the docstrings emulators are healed on), 2 data owners x 2 rounds, and the report with the paper's five
-settings, the attacker who heals and tunes the whole emulator, and the cost rows. The task files are cut to
+SmolLM2-135M-Instruct (30 LLaMA blocks) split 3-12-3 (the sweep's best setting), a shipped multiple-choice task
+(WordNet, kept apart from the docstrings emulators are healed on), 2 data owners x 2 rounds, and the report with the
+paper's five settings, the attacker who heals and tunes the whole emulator, and the cost rows. The task files are cut to
 ``train_items`` and ``eval_items`` (the first lines, written into the run directory) so the run fits the budget.
 """
 
