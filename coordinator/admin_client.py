@@ -25,7 +25,8 @@ from protos.round_config import RoundConfig
 from protos.round_message import adapter_sha256
 
 MAX_MESSAGE_BYTES = 64 << 20
-OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+MAX_ADAPTER_REPLY_BYTES = 1 << 30  # OpenedRound / AggregatedRound carry a whole global adapter (the server's cap)
+OPTIONS = [("grpc.max_receive_message_length", MAX_ADAPTER_REPLY_BYTES),
            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 

@@ -27,9 +27,12 @@ from protos.tensors import DeltaValidationError, SafetensorsFormatError
 
 log = logging.getLogger(__name__)
 SERVICE = "offsite.v1.Coordinator"
-MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = 64 << 20  # what any caller may send: requests are small; deltas arrive as a chunked stream
+# What the service may send: OpenRound and AggregateRound return a whole global adapter (a 3+3-block SmolLM2 adapter
+# is 85 MB) to the admin only. Larger replies never reach a stranger, who is answered before any adapter is read.
+MAX_REPLY_BYTES = 1 << 30
 GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                ("grpc.max_send_message_length", MAX_REPLY_BYTES)]
 # Most specific classes first: the first match wins.
 STATUS_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
