@@ -22,7 +22,8 @@ from coordinator.storage import Storage
 from protos import crypto
 from protos.errors import ExitCode
 
-OWNER_FILES = {"owner.key", "owner.pub", "supernode.key", "supernode.pub", "ca.crt", "coordinator.pub"}
+OWNER_FILES = {"owner.key", "owner.pub", "supernode.key", "supernode.pub", "ca.crt", "coordinator.pub",
+               "trusted-apps.json"}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def test_owner_directories_hold_only_their_own_keys(deployed: Path) -> None:
         assert {p.name for p in owner.iterdir()} == OWNER_FILES, owner
         assert (owner / "ca.crt").read_bytes() == ca
         assert (owner / "coordinator.pub").read_bytes() == coordinator_pub
+        assert (owner / "trusted-apps.json").read_bytes() == (owners[0] / "trusted-apps.json").read_bytes()
         for name in ("owner.key", "supernode.key"):
             secret = (owner / name).read_bytes()
             assert secret not in secrets, f"{owner.name}/{name} is also {secrets.get(secret)}"
