@@ -9,7 +9,6 @@ count parameter bytes as they are held for training.
 
 from __future__ import annotations
 
-import copy
 import math
 import multiprocessing
 import resource
@@ -69,7 +68,6 @@ def _peak_mb() -> float:
 
 
 def _measure(probe: CostProbe, results: Any) -> None:
-    import torch
     from safetensors.torch import load_file
 
     from emulator.loading import load_model, load_tokenizer
@@ -77,7 +75,6 @@ def _measure(probe: CostProbe, results: Any) -> None:
     from protos import crypto
     from protos.bundle import verify_bundle_dir
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     baseline = _rss_mb()
     _reset_peak()
     bundle = verify_bundle_dir(probe.bundle_dir, crypto.load_public_key(probe.coordinator_pub))
@@ -116,9 +113,9 @@ def measure_side(probe: CostProbe) -> dict[str, float]:
 
 def training_costs(probe: CostProbe, steps: int, spec: AdapterSpec) -> dict[str, float]:
     """Cost rows: trainable parameters, sizes, tokens/s and peak RSS of emulator tuning vs full fine-tuning."""
-    training = replace(probe.training, max_steps=steps, epochs=max(probe.training.epochs, 1))
+    training = replace(probe.training, max_steps=steps)
     emulator = measure_side(replace(probe, side="emulator", training=training))
-    full = measure_side(replace(probe, side="full", training=copy.copy(training)))
+    full = measure_side(replace(probe, side="full", training=training))
     return {
         "trainable_parameters_emulator": emulator["trainable_parameters"],
         "trainable_parameters_full": full["trainable_parameters"],

@@ -37,10 +37,11 @@ from emulator.compress import CompressionPlan, compress  # noqa: E402
 from emulator.corpus import default_corpus, read_documents, split_documents  # noqa: E402
 from emulator.data import Example, labels_of, load_examples  # noqa: E402
 from emulator.errors import EmulatorError  # noqa: E402
+from emulator.families import locate_blocks  # noqa: E402
 from emulator.loading import load_model, load_tokenizer, resolve_model  # noqa: E402
 from emulator.methods import MethodConfig, extract, make_trainable, method_spec  # noqa: E402
 from emulator.split import SplitConfig  # noqa: E402
-from emulator.surgery import adapter_spec, build_emulator, extract_adapter  # noqa: E402
+from emulator.surgery import adapter_spec, extract_adapter  # noqa: E402
 from emulator.train import TrainConfig, train  # noqa: E402
 from protos.documents import Document, DocumentError  # noqa: E402
 from protos.files import atomic_write  # noqa: E402
@@ -210,9 +211,9 @@ def run_sweep(model: str | None, task: str, train_file: Path, eval_file: Path, c
     if baseline_path.is_file():
         baseline: dict[str, dict[str, float]] = json.loads(baseline_path.read_text())
     else:
-        reference = build_emulator(full, SplitConfig(bottom=1, top=1, keep=1))  # only its spec is used
-        spec = adapter_spec(full, reference.location, reference.plan)
-        inputs = EvalInputs(full=full, emulator=reference.model, tokenizer=tokenizer, task=task, spec=spec,
+        location = locate_blocks(full)  # any split's spec will do: its adapter is plugged back unchanged
+        spec = adapter_spec(full, location, SplitConfig(bottom=1, top=1).plan(location.n_layers))
+        inputs = EvalInputs(full=full, emulator=full, tokenizer=tokenizer, task=task, spec=spec,
                             method=MethodConfig("layers"), eval_examples=eval_examples,
                             max_length=config.max_length)
         baseline = {"full_initial": evaluate_model(inputs, full, "full zero-shot")}

@@ -11,3 +11,7 @@ class EmulatorError(ValueError):
 
 class EmulatorConfigError(EmulatorError, FieldError):
     """An invalid setting; the message marks the config field as ``{field}`` (see :class:`FieldError`)."""
+
+
+class CompressError(EmulatorConfigError):
+    """An invalid compressor setting; the message names the field."""

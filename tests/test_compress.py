@@ -12,22 +12,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import BertConfig, BertModel, PreTrainedModel
 
 from coordinator.bundles import build_bundle
+from emulator.cka import cka_matrix, contiguous_clusters, linear_cka
 from emulator.compress import (
     COMPRESSORS,
-    CompressError,
     CompressionPlan,
     LayerDropConfig,
     RankConfig,
     ShareConfig,
-    cka_matrix,
     compress,
     compression_plan,
-    contiguous_clusters,
-    linear_cka,
     register_compressor,
 )
 from emulator.corpus import Batch
 from emulator.distill import DistillConfig, match_pairs
+from emulator.errors import CompressError
 from emulator.families import block_list
 from emulator.loading import embedded_model_path, load_tokenizer
 from emulator.quantize import load_emulator
