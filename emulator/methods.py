@@ -183,6 +183,20 @@ register_method(AdapterMethod("lora", _lora_spec, _wrap_lora, _plug_lora))
 
 # --- the public API ----------------------------------------------------------------------------------------
 
+def lora_config_for(config: MethodConfig, full: nn.Module, spec: AdapterSpec) -> LoraConfig:
+    """The peft config that puts a LoRA spec's adapter on the full model (its head, if any, as modules_to_save)."""
+    lora = _peft_config(config, full, _lora_modules(spec, emulator=False))
+    heads = sorted({t.name.rsplit(".", 1)[0] for t in _heads(spec)})
+    lora.modules_to_save = heads or None
+    return lora
+
+
+def peft_state_dict(spec: AdapterSpec, adapter: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA adapter keyed as peft saves it (``base_model.model.<name>``: LoRA factors and head weights alike)."""
+    check_adapter(spec, adapter)
+    return {PEFT_PREFIX + t.name: adapter[t.name].to(TORCH_DTYPES[t.dtype]).contiguous() for t in spec.tensors}
+
+
 def method_spec(base: AdapterSpec, emulator: nn.Module, config: MethodConfig) -> AdapterSpec:
     return METHODS[config.name].make_spec(base, emulator, config)
 

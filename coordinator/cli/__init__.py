@@ -9,8 +9,10 @@ from coordinator.cli.app_sign import app_app
 from coordinator.cli.delta_key import delta_key_app
 from coordinator.cli.deploy import deploy_app
 from coordinator.cli.emulator import emulator_app
+from coordinator.cli.export import export_command, verify_export_command
 from coordinator.cli.jobs import job_app
 from coordinator.cli.keys import keys_app
+from coordinator.cli.market import market_app
 from coordinator.cli.owners import owners_app
 from coordinator.cli.rounds import round_app
 from coordinator.cli.run import demo_command, eval_command, simulate_command
@@ -33,6 +35,9 @@ app.add_typer(delta_key_app, name="delta-key")
 app.add_typer(admin_key_app, name="admin-key")
 app.add_typer(deploy_app, name="deploy")
 app.add_typer(app_app, name="app")
+app.command("export")(export_command)
+app.command("verify-export")(verify_export_command)
+app.add_typer(market_app, name="market")
 
 
 def main() -> None:
