@@ -4,6 +4,7 @@ coordinator records aggregated rounds, with the owners' accepted uploads, and th
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,8 +21,10 @@ TASK_DATA = {"classification": demo_dataset(), "multiple-choice": task_dir("word
 
 
 def tiny_run(root: Path, *, method: str = "lora", task: str = "classification", seed: int = 0,
-             rounds: int = 2, report: bool = True, model_dir: Path | None = None) -> Path:
-    """A finished run in ``root`` whose global adapter moved away from round 0 (seeded, so runs differ by seed)."""
+             rounds: int = 2, report: bool = True, model_dir: Path | None = None,
+             keys_from: Path | None = None) -> Path:
+    """A finished run in ``root`` whose global adapter moved away from round 0 (seeded, so runs differ by seed).
+    ``keys_from``: another run whose coordinator key signs this one too (one coordinator, many jobs)."""
     root.mkdir(parents=True, exist_ok=True)
     if model_dir is None:
         model_dir = root / "model"
@@ -36,6 +39,10 @@ def tiny_run(root: Path, *, method: str = "lora", task: str = "classification", 
     )
     config.workdir.mkdir(parents=True, exist_ok=True)
     config.save()
+    if keys_from is not None:
+        (config.workdir / "keys").mkdir(exist_ok=True)
+        for name in ("coordinator.key", "coordinator.pub"):
+            shutil.copy2(keys_from / "keys" / name, config.workdir / "keys" / name)
     prepared = setup(config)
     variant = prepared.variants[0]
     checkpoints = variant.checkpoints(config.workdir)

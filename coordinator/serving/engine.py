@@ -1,0 +1,197 @@
+"""The serving engine: one base model, many adapters, requests for different adapters in one batch.
+
+LoRA rows go through peft's mixed-adapter batch (``adapter_names=``: the base layers run once, each adapter adds
+its LoRA term to its rows); ``layers`` rows through split batching (:mod:`coordinator.serving.split_batch`). A
+batcher thread takes requests of one kind, closest in length to the oldest waiting one (PetS's coordinated
+batching: less padding), up to a size and a padded-token budget, after at most ``max_wait_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from transformers import PreTrainedModel
+
+from coordinator.bundles import state_dict_digest
+from coordinator.serving.adapters import AdapterRecord, ServingState
+from coordinator.serving.batching import EngineConfig, Job, JobQueue
+from coordinator.serving.cache import AdapterCache
+from coordinator.serving.decode import classify_rows, greedy_decode
+from coordinator.serving.metrics import ServingMetrics
+from coordinator.serving.split_batch import BASE, RowRouter, SplitBatcher
+from emulator.loading import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class AdapterRefusedError(Exception):
+    """An adapter cannot be served on this base (another base model, another task); the message says why."""
+
+
+@dataclass
+class LoadedAdapter:
+    record: AdapterRecord
+    labels: list[str] | None = field(default=None)
+
+
+class TorchEngine:
+    def __init__(self, base_dir: Path, state: ServingState, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.state = state
+        self.tokenizer = load_tokenizer(str(base_dir))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        arch = load_model_config_architectures(base_dir)
+        self.task = "classification" if arch.endswith("ForSequenceClassification") else "causal-lm"
+        self.inner: PreTrainedModel = load_model(str(base_dir), self.task).eval()
+        self.base_sha256 = state_dict_digest(self.inner)
+        self.base_id = str(base_dir)
+        self.model: torch.nn.Module = self.inner
+        self.peft: PeftModel | None = None
+        self.router = RowRouter()
+        self.split = SplitBatcher(self.inner, self.router)
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self.metrics = ServingMetrics()
+        self.cache = AdapterCache(self.config.cache_mb << 20, self._load, self._unload,
+                                  lambda event, adapter_id: self.metrics.cache.inc(adapter_id, event))
+        self.model_lock = threading.Lock()  # adapters change only between batches
+        self.queue = JobQueue(self.config)
+        self._thread = threading.Thread(target=self._loop, name="offsite-batcher", daemon=True)
+        self._stop = threading.Event()
+
+    # --- adapters -------------------------------------------------------------------------------------------
+
+    def _check(self, record: AdapterRecord) -> None:
+        manifest = record.manifest
+        if manifest.base_model_sha256 != self.base_sha256:
+            raise AdapterRefusedError(f"adapter {record.adapter_id!r} was tuned on another base model")
+        task = "classification" if manifest.task == "classification" else "causal-lm"
+        if task != self.task:
+            raise AdapterRefusedError(f"adapter {record.adapter_id!r} is a {manifest.task} adapter; this server "
+                                      f"serves {self.task}")
+
+    def _load(self, adapter_id: str) -> int:
+        record = self.state.record(adapter_id)
+        self._check(record)
+        tensors = record.tensors()
+        with self.model_lock:
+            if record.kind == "lora":
+                self._add_lora(adapter_id, record, tensors)
+            else:
+                self.split.add(adapter_id, tensors)
+            self.adapters[adapter_id] = LoadedAdapter(record, record.manifest.labels)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def _add_lora(self, adapter_id: str, record: AdapterRecord, tensors: dict[str, torch.Tensor]) -> None:
+        config = LoraConfig.from_pretrained(str(record.directory))
+        config.inference_mode = True
+        self.split.unwrap_all()
+        try:
+            if self.peft is None:
+                self.peft = get_peft_model(self.inner, config, adapter_name=adapter_id).eval()
+                self.model = self.peft
+            elif adapter_id not in self.peft.peft_config:
+                self.peft.add_adapter(adapter_id, config)
+        finally:
+            self.split.rewrap_all()
+        state = {f"base_model.model.{name}": value for name, value in tensors.items()}
+        set_peft_model_state_dict(self.peft, state, adapter_name=adapter_id)
+        self.peft.eval()
+
+    def _unload(self, adapter_id: str) -> None:
+        with self.model_lock:
+            loaded = self.adapters.pop(adapter_id, None)
+            if loaded is None:
+                return
+            if loaded.record.kind == "layers":
+                self.split.remove(adapter_id)
+            elif self.peft is not None and len(self.peft.peft_config) > 1:
+                self.peft.delete_adapter(adapter_id)
+                self.peft.set_adapter(next(iter(self.peft.peft_config)))
+            # peft cannot drop its last adapter: that one stays, unused, until another replaces it
+
+    def adapter_labels(self, adapter_id: str) -> list[str] | None:
+        return self.state.record(adapter_id).manifest.labels
+
+    # --- requests -------------------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Load the job's adapter if needed (raises for an unservable one), then queue it."""
+        record = self.state.record(job.adapter_id)
+        self._check(record)
+        self.cache.acquire(job.adapter_id, record.size_bytes())
+        self.queue.put(job)
+
+    def start(self) -> TorchEngine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.wake()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self.config.threads)
+        while not self._stop.is_set():
+            batch = self.queue.take(self._stop)
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        try:
+            self._run_batch(batch)
+        finally:  # outside the model lock: a loading request may hold the cache's lock and wait for the model's
+            for job in batch:
+                self.cache.release(job.adapter_id)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            self.metrics.queue.observe(now - job.enqueued, job.adapter_id)
+            if job.deadline is not None and now > job.deadline:
+                self.metrics.deadline_misses.inc(job.adapter_id)
+                job.fail(504, "deadline_exceeded", "the request's deadline passed before it was scheduled")
+            else:
+                live.append(job)
+        if not live:
+            return
+        self.metrics.batch_size.observe(len(live))
+        try:
+            self._forward(live)
+        except Exception:  # one bad request must not fail the others: run each alone
+            if len(live) == 1:
+                log.exception("request failed")
+                live[0].fail(500, "internal_error", "the model failed on this request")
+                return
+            for job in live:
+                self._run_batch([job])
+
+    def _forward(self, jobs: list[Job]) -> None:
+        routed = [j.adapter_id if self._kind(j.adapter_id) == "layers" else BASE for j in jobs]
+        lora = [j.adapter_id if self._kind(j.adapter_id) == "lora" else BASE for j in jobs]
+        extra = {"adapter_names": lora} if self.peft is not None else {}
+        with self.model_lock, torch.inference_mode(), self.router.route(routed):
+            if jobs[0].kind == "classify":
+                classify_rows(self.model, self.tokenizer, jobs, extra, self.metrics)
+            else:
+                greedy_decode(self.model, self.tokenizer, jobs, extra, self.metrics)
+
+    def _kind(self, adapter_id: str) -> str:
+        loaded = self.adapters.get(adapter_id)
+        return loaded.record.kind if loaded else "none"
+
+
+def load_model_config_architectures(base_dir: Path) -> str:
+    import json
+
+    config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or [""]
+    return str(architectures[0])
