@@ -49,7 +49,7 @@ def greedy_decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, jo
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
     detok = [_Detokenizer(tokenizer) for _ in jobs]
     reasons: list[str | None] = [None] * len(jobs)
-    for step in range(max(j.max_new_tokens for j in jobs)):
+    for _step in range(max(j.max_new_tokens for j in jobs)):
         next_ids = out.logits[:, -1, :].argmax(-1)  # (batch,)
         now = time.monotonic()
         for row, job in enumerate(jobs):

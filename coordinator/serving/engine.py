@@ -24,6 +24,7 @@ from coordinator.serving.batching import EngineConfig, Job, JobQueue
 from coordinator.serving.cache import AdapterCache
 from coordinator.serving.decode import classify_rows, greedy_decode
 from coordinator.serving.metrics import ServingMetrics
+from coordinator.serving.onnx_runner import OrtRunner
 from coordinator.serving.split_batch import BASE, RowRouter, SplitBatcher
 from emulator.loading import load_model, load_tokenizer
 
@@ -61,6 +62,7 @@ class TorchEngine:
         self.cache = AdapterCache(self.config.cache_mb << 20, self._load, self._unload,
                                   lambda event, adapter_id: self.metrics.cache.inc(adapter_id, event))
         self.model_lock = threading.Lock()  # adapters change only between batches
+        self.ort: OrtRunner | None = None  # --engine ort: classification runs on onnxruntime
         self.queue = JobQueue(self.config)
         self._thread = threading.Thread(target=self._loop, name="offsite-batcher", daemon=True)
         self._stop = threading.Event()
@@ -80,6 +82,8 @@ class TorchEngine:
         record = self.state.record(adapter_id)
         self._check(record)
         tensors = record.tensors()
+        if self.ort is not None:
+            self.ort.prepare(record, tensors)
         with self.model_lock:
             if record.kind == "lora":
                 self._add_lora(adapter_id, record, tensors)
@@ -109,9 +113,10 @@ class TorchEngine:
             loaded = self.adapters.pop(adapter_id, None)
             if loaded is None:
                 return
-            if loaded.record.kind == "layers":
-                self.split.remove(adapter_id)
-            elif self.peft is not None and len(self.peft.peft_config) > 1:
+            self.split.remove(adapter_id)
+            if self.ort is not None:
+                self.ort.drop(adapter_id)
+            if loaded.record.kind == "lora" and self.peft is not None and len(self.peft.peft_config) > 1:
                 self.peft.delete_adapter(adapter_id)
                 self.peft.set_adapter(next(iter(self.peft.peft_config)))
             # peft cannot drop its last adapter: that one stays, unused, until another replaces it
@@ -175,6 +180,9 @@ class TorchEngine:
                 self._run_batch([job])
 
     def _forward(self, jobs: list[Job]) -> None:
+        if self.ort is not None and jobs[0].kind == "classify":
+            self.ort.classify(jobs, self.tokenizer, self.metrics)
+            return
         routed = [j.adapter_id if self._kind(j.adapter_id) == "layers" else BASE for j in jobs]
         lora = [j.adapter_id if self._kind(j.adapter_id) == "lora" else BASE for j in jobs]
         extra = {"adapter_names": lora} if self.peft is not None else {}
