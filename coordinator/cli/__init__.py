@@ -17,6 +17,7 @@ from coordinator.cli.owners import owners_app
 from coordinator.cli.rounds import round_app
 from coordinator.cli.run import demo_command, eval_command, simulate_command
 from coordinator.cli.serve import serve
+from coordinator.cli.serve_models import adapters_app, serve_models_command
 from coordinator.cli.sweep import sweep_command
 
 app = typer.Typer(help="Offsite tuning, model owner's side: build bundles, run rounds, plug in, evaluate.",
@@ -38,6 +39,8 @@ app.add_typer(app_app, name="app")
 app.command("export")(export_command)
 app.command("verify-export")(verify_export_command)
 app.add_typer(market_app, name="market")
+app.command("serve-models")(serve_models_command)
+app.add_typer(adapters_app, name="adapters")
 
 
 def main() -> None:

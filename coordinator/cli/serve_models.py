@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from fastapi import APIRouter
 
 from coordinator.cli.common import StateOption, VerboseOption, console, fail_with, state_dir
 from coordinator.errors import CoordinatorError
 from coordinator.serving.adapters import ServingState
 from coordinator.serving.batching import EngineConfig
+from coordinator.serving.gate import QueryGate
 from coordinator.serving.server_config import base_model_dir
 from coordinator.simulate.runtime import quiet_libraries
 from emulator.errors import EmulatorError
@@ -95,7 +97,8 @@ def serve_models_command(
         fail_with(error, {"cache_mb": "--cache-mb", "max_wait_s": "--max-wait-ms"})
     token = secrets.token_urlsafe(32)
     atomic_write(directory / ADMIN_TOKEN_FILE, token + "\n", mode=0o600)
-    gate, routers = None, []
+    gate: QueryGate | None = None
+    routers: list[APIRouter] = []
     if market:
         from coordinator.market.wiring import market_parts
 

@@ -111,6 +111,7 @@ class Source:
     manifest: dict[str, Any]  # ExportManifest JSON (verified)
     report_path: Path
     contributions: dict[str, int]
+    coordinator_pub: Path  # the key the export verified against: serving pins it
 
 
 def evaluation_from_report(report: dict[str, Any], where: str = "report.json") -> Evaluation:
@@ -180,7 +181,8 @@ def source_from_run(run_dir: Path, export_dir: Path) -> Source:
     export_run(run_dir, "adapter", export_dir, force=True)
     manifest = verify_export(export_dir, load_public_key(run_dir / "keys" / "coordinator.pub"))
     return Source(export_dir, manifest.to_json(), report,
-                  contributions(run_dir / "state", manifest.job_id, manifest.rounds))
+                  contributions(run_dir / "state", manifest.job_id, manifest.rounds),
+                  run_dir / "keys" / "coordinator.pub")
 
 
 def source_from_export(export_dir: Path, report: Path, coordinator_pub: Path, state_dir: Path,
@@ -193,7 +195,7 @@ def source_from_export(export_dir: Path, report: Path, coordinator_pub: Path, st
     if job_id is not None and manifest.job_id != job_id:
         raise MarketError(f"{export_dir}: the export is of job {manifest.job_id!r}, not {job_id!r}")
     return Source(Path(export_dir), manifest.to_json(), Path(report),
-                  contributions(state_dir, manifest.job_id, manifest.rounds))
+                  contributions(state_dir, manifest.job_id, manifest.rounds), Path(coordinator_pub))
 
 
 def build_card(source: Source, terms: Terms, evaluation: Evaluation, decision: GateDecision,
@@ -248,7 +250,10 @@ def publish(store: MarketStore, source: Source, terms: Terms, thresholds: Thresh
             from coordinator.serving.adapters import ServingState  # type: ignore[import-not-found,unused-ignore]
         except ImportError as error:
             raise MarketError("the serving engine (coordinator.serving.adapters) is not installed") from error
-        install = ServingState(store.dir).import_export
+        serving, signer = ServingState(store.dir), load_public_key(source.coordinator_pub)
+
+        def install(export_dir: Path, adapter_id: str) -> None:
+            serving.import_export(export_dir, adapter_id, signer)
     install(source.export_dir, terms.listing_id)
     events: list[tuple[str, dict[str, Any]]] = [("listing.add", {
         "listing": terms.listing_id, "job": source.manifest["job_id"], "rounds": source.manifest["rounds"],

@@ -95,6 +95,7 @@ class TorchEngine:
     def _add_lora(self, adapter_id: str, record: AdapterRecord, tensors: dict[str, torch.Tensor]) -> None:
         config = LoraConfig.from_pretrained(str(record.directory))
         config.inference_mode = True
+        config.base_model_name_or_path = self.inner.name_or_path  # the served base, whatever the export recorded
         self.split.unwrap_all()
         try:
             if self.peft is None:

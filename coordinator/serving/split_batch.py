@@ -95,7 +95,9 @@ class SplitBatcher:
         except AttributeError as error:
             raise SplitBatchError(f"tensor's module {path!r} is not in the base model") from error
         if hasattr(module, "base_layer"):  # a peft LoRA layer: route its base weights, peft adds the LoRA term
-            path, module = f"{path}.base_layer", module.base_layer
+            inner = module.base_layer
+            assert isinstance(inner, nn.Module)
+            path, module = f"{path}.base_layer", inner
             if path in self.routed:
                 return self.routed[path]
         parent_path, _, child = path.rpartition(".")
