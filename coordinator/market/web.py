@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader
 
@@ -118,10 +119,16 @@ def catalogue_router(store: MarketStore) -> APIRouter:
         body = await request.body()
         if len(body) > MAX_FORM_BYTES:
             return usage_page(413, error="the form is too large")
-        fields = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=4)
+        try:
+            fields = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=4)
+        except ValueError:
+            return usage_page(400, error="the form has too many fields")
         key = (fields.get("key") or [""])[0].strip()
         if not key:
             return usage_page(400, error="enter your API key")
+        return await run_in_threadpool(usage_of, key)  # SQLite off the event loop
+
+    def usage_of(key: str) -> HTMLResponse:
         found = key_owner(store, key)
         if found is None:
             return usage_page(401, error="invalid or revoked API key")
