@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -20,6 +21,7 @@ from coordinator.market.listings import Terms, card_of, publish, run_thresholds,
 from coordinator.market.store import MarketError, MarketStore
 from coordinator.records import UploadRecord
 from coordinator.serving.gate import QueryRequest, Settlement
+from coordinator.simulate.config import SimulateConfig
 from coordinator.state import StateStore
 from protos.errors import ProtocolError
 from tests.runs import tiny_run
@@ -170,3 +172,21 @@ def test_cli_list_installs_for_serving(run: tuple[Path, dict[str, int]], tmp_pat
     assert result.exit_code == 0, result.output
     assert "listed sentiment-v1" in result.output and "OVERRIDDEN (demo)" in result.output
     assert (state / "adapters" / "sentiment-v1").is_dir()
+
+
+def test_the_gate_takes_the_jobs_own_minimums(run: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    """The same run passes once its job says a lower bar is enough (``simulate --min-plugin-score ...``)."""
+    run_dir, _ = run
+    saved = SimulateConfig.load(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    lenient = dataclasses.replace(saved, min_plugin_score=report["plugin_tuned"] - 0.01,
+                                  min_privacy_gap=min(report["privacy_gap"], 0.0) - 0.01)
+    try:
+        lenient.save()
+        thresholds = run_thresholds(run_dir, None, None, None)
+        assert thresholds.min_plugin_score == lenient.min_plugin_score
+        result = market("list", "--run", str(run_dir), "--name", "Lenient", "--price-per-1k-tokens", "0.02",
+                        "--state", str(tmp_path / "state"))
+        assert result.exit_code == 0 and "OVERRIDDEN" not in result.output, result.output
+    finally:
+        saved.save()

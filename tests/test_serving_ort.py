@@ -18,7 +18,6 @@ from coordinator.serving.engine import TorchEngine
 from coordinator.serving.metrics import ServingMetrics
 from coordinator.serving.onnx_runner import OrtRunner
 from coordinator.serving.ort_engine import make_engine
-from coordinator.serving.split_batch import SplitBatchError
 from emulator.loading import load_model, load_tokenizer
 from tests.models import tiny_classifier_dir
 from tests.runs import tiny_run
@@ -165,9 +164,6 @@ def test_a_lora_adapter_plugged_into_its_own_graph_matches_the_shared_graph(
         assert max_diff(shared, plugged) < 1e-4
 
 
-@pytest.mark.xfail(strict=True, raises=(SplitBatchError, KeyError),
-                   reason="TorchEngine cannot hold a LoRA classification adapter (peft wraps the head in a "
-                          "ModulesToSaveWrapper) and a layers adapter that replaces that head, in either order")
 def test_ort_engine_matches_torch_for_lora_and_layers_mixed(served: tuple[Path, ServingState]) -> None:
     base, state = served
     check_parity(state, (LORA[0], LAYERS[0]), base)

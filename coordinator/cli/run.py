@@ -98,6 +98,10 @@ def simulate_command(
                                                     "report then compares both emulators.")] = 0,
     min_replies: Annotated[int | None, typer.Option(help="Fewer accepted deltas abort a round (default: all "
                                                          "clients).")] = None,
+    min_privacy_gap: Annotated[float | None, typer.Option(help="Release gate: the smallest privacy gap for listing "
+                                                               "the adapter in the marketplace.")] = None,
+    min_plugin_score: Annotated[float | None, typer.Option(help="Release gate: the lowest plug-in score for "
+                                                                "listing.")] = None,
     workdir: Annotated[Path | None, typer.Option(help="Run directory; resumes if it exists (default: a new "
                                                       "temporary directory).")] = None,
     verbose: VerboseOption = False,
@@ -116,7 +120,8 @@ def simulate_command(
                                 compression=plan.to_json() if plan else None,
                                 partition=partition, baseline=baseline, distill_steps=distill_steps,
                                 min_replies=min_replies, attacker=attacker, heal_steps=heal_steps,
-                                cost_steps=cost_steps)
+                                cost_steps=cost_steps, min_privacy_gap=min_privacy_gap,
+                                min_plugin_score=min_plugin_score)
     except EXPECTED as error:
         fail_with(error, {"compressor": "--compressor", "adapter_blocks": "--adapter-blocks"})
     run_and_report(config, report, verbose)

@@ -136,12 +136,12 @@ def evaluation_from_report(report: dict[str, Any], where: str = "report.json") -
 
 def run_thresholds(run_dir: Path | None, min_privacy_gap: float | None, min_plugin_score: float | None,
                    max_plugin_perplexity: float | None) -> Thresholds:
-    """Flags first, then the run's ``simulate.json`` (if it carries minimums), then the defaults."""
-    configured: dict[str, Any] = {}
-    if run_dir is not None and (Path(run_dir) / "simulate.json").is_file():
-        configured = json.loads((Path(run_dir) / "simulate.json").read_text(encoding="utf-8"))
-    gap = min_privacy_gap if min_privacy_gap is not None else configured.get("min_privacy_gap")
-    score = min_plugin_score if min_plugin_score is not None else configured.get("min_plugin_score")
+    """Flags first, then the job's own minimums (``simulate.json``), then the defaults."""
+    from coordinator.simulate.config import SimulateConfig
+
+    job = SimulateConfig.load(run_dir) if run_dir is not None and (Path(run_dir) / "simulate.json").is_file() else None
+    gap = min_privacy_gap if min_privacy_gap is not None else (job.min_privacy_gap if job else None)
+    score = min_plugin_score if min_plugin_score is not None else (job.min_plugin_score if job else None)
     return Thresholds(min_privacy_gap=float(DEFAULT_MIN_PRIVACY_GAP if gap is None else gap),
                       min_plugin_score=float(DEFAULT_MIN_PLUGIN_SCORE if score is None else score),
                       max_plugin_perplexity=max_plugin_perplexity)

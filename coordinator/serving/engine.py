@@ -103,11 +103,11 @@ class TorchEngine:
                 self.model = self.peft
             elif adapter_id not in self.peft.peft_config:
                 self.peft.add_adapter(adapter_id, config)
+            state = {f"base_model.model.{name}": value for name, value in tensors.items()}
+            set_peft_model_state_dict(self.peft, state, adapter_name=adapter_id)
+            self.peft.eval()
         finally:
             self.split.rewrap_all()
-        state = {f"base_model.model.{name}": value for name, value in tensors.items()}
-        set_peft_model_state_dict(self.peft, state, adapter_name=adapter_id)
-        self.peft.eval()
 
     def _unload(self, adapter_id: str) -> None:
         with self.model_lock:
@@ -187,7 +187,8 @@ class TorchEngine:
         routed = [j.adapter_id if self._kind(j.adapter_id) == "layers" else BASE for j in jobs]
         lora = [j.adapter_id if self._kind(j.adapter_id) == "lora" else BASE for j in jobs]
         extra = {"adapter_names": lora} if self.peft is not None else {}
-        with self.model_lock, torch.inference_mode(), self.router.route(routed):
+        base_rows = [row for row, name in enumerate(lora) if name == BASE]
+        with self.model_lock, torch.inference_mode(), self.router.route(routed, base_rows):
             if jobs[0].kind == "classify":
                 classify_rows(self.model, self.tokenizer, jobs, extra, self.metrics)
             else:

@@ -46,6 +46,8 @@ class SimulateConfig(Document):
     cost_steps: int = 3  # timed training steps each for the cost rows (emulator adapter vs full model)
     distill_steps: int = 0  # 0: owners get the plain layer-drop emulator
     device: str = "auto"  # owners' training and the evaluation: CUDA when present, else CPU
+    min_privacy_gap: float | None = None  # the release gate's minimums for listing the job's adapter (None: the
+    min_plugin_score: float | None = None  # marketplace's defaults)
     node_wait: float = 30.0
     round_timeout: float = 900.0
 
