@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coordinator.errors import CoordinatorError
 
@@ -20,6 +20,7 @@ class Entry:
     size: int
     pinned: bool = False
     in_use: int = 0  # requests admitted and not yet finished
+    ready: threading.Event = field(default_factory=threading.Event)  # set once loaded (or failed and removed)
 
 
 @dataclass
@@ -47,11 +48,11 @@ class AdapterCache:
 
     def loaded(self) -> list[str]:
         with self._lock:
-            return list(self._entries)
+            return [k for k, v in self._entries.items() if v.ready.is_set()]
 
     def info(self) -> dict[str, Entry]:
         with self._lock:
-            return {k: Entry(v.size, v.pinned, v.in_use) for k, v in self._entries.items()}
+            return {k: Entry(v.size, v.pinned, v.in_use) for k, v in self._entries.items() if v.ready.is_set()}
 
     def _evict_for(self, size: int) -> None:
         for adapter_id in list(self._entries):
@@ -68,26 +69,37 @@ class AdapterCache:
             raise CacheFullError(f"the adapter cache ({self.budget >> 20} MiB) is full of pinned or busy adapters")
 
     def acquire(self, adapter_id: str, size_hint: int = 0) -> None:
-        """Load if needed and mark one request in flight; pair with :meth:`release`."""
-        with self._lock:
-            entry = self._entries.get(adapter_id)
-            if entry is not None:
-                self._entries.move_to_end(adapter_id)
-                self.stats.hits += 1
-                self._on_event("hit", adapter_id)
-            else:
-                self.stats.misses += 1
-                self._on_event("miss", adapter_id)
-                self._evict_for(size_hint)
-                entry = Entry(self._load(adapter_id))
-                self._entries[adapter_id] = entry
-                if self.used > self.budget:  # the hint was short: make room now, never evicting this one
+        """Load if needed and mark one request in flight; pair with :meth:`release`. The load runs outside the
+        cache's lock (an ONNX export can take a while), so other adapters keep being served meanwhile."""
+        while True:
+            with self._lock:
+                entry = self._entries.get(adapter_id)
+                if entry is not None and entry.ready.is_set():
+                    self._entries.move_to_end(adapter_id)
                     entry.in_use += 1
-                    try:
-                        self._evict_for(0)
-                    finally:
-                        entry.in_use -= 1
-            entry.in_use += 1
+                    self.stats.hits += 1
+                    self._on_event("hit", adapter_id)
+                    return
+                if entry is None:
+                    self.stats.misses += 1
+                    self._on_event("miss", adapter_id)
+                    self._evict_for(size_hint)
+                    entry = self._entries[adapter_id] = Entry(size_hint, in_use=1)
+                    break
+                loading = entry.ready
+            loading.wait()  # another request is loading it: then take it as a hit (or load it if that failed)
+        try:
+            size = self._load(adapter_id)
+        except BaseException:
+            with self._lock:
+                del self._entries[adapter_id]
+            entry.ready.set()
+            raise
+        with self._lock:
+            entry.size = size
+            entry.ready.set()
+            if self.used > self.budget:  # the hint was short: make room now, never evicting this one
+                self._evict_for(0)
 
     def release(self, adapter_id: str) -> None:
         with self._lock:

@@ -82,15 +82,18 @@ class TorchEngine:
         record = self.state.record(adapter_id)
         self._check(record)
         tensors = record.tensors()
-        if self.ort is not None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.ort is not None:  # classification runs on onnxruntime: the torch model never sees the adapter
             self.ort.prepare(record, tensors)
+            self.adapters[adapter_id] = LoadedAdapter(record, record.manifest.labels)
+            return size
         with self.model_lock:
             if record.kind == "lora":
                 self._add_lora(adapter_id, record, tensors)
             else:
                 self.split.add(adapter_id, tensors)
             self.adapters[adapter_id] = LoadedAdapter(record, record.manifest.labels)
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        return size
 
     def _add_lora(self, adapter_id: str, record: AdapterRecord, tensors: dict[str, torch.Tensor]) -> None:
         config = LoraConfig.from_pretrained(str(record.directory))
@@ -117,9 +120,10 @@ class TorchEngine:
             self.split.remove(adapter_id)
             if self.ort is not None:
                 self.ort.drop(adapter_id)
-            if loaded.record.kind == "lora" and self.peft is not None and len(self.peft.peft_config) > 1:
-                self.peft.delete_adapter(adapter_id)
-                self.peft.set_adapter(next(iter(self.peft.peft_config)))
+            peft = self.peft
+            if peft is not None and adapter_id in peft.peft_config and len(peft.peft_config) > 1:
+                peft.delete_adapter(adapter_id)
+                peft.set_adapter(next(iter(peft.peft_config)))
             # peft cannot drop its last adapter: that one stays, unused, until another replaces it
 
     def adapter_labels(self, adapter_id: str) -> list[str] | None:
