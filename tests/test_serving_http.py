@@ -187,3 +187,23 @@ def test_metrics_and_admin_calls(served: tuple[str, TorchEngine, ServingState]) 
     again = httpx.post(f"{url}/v1/completions", json={"model": "lora-a", "prompt": PROMPT, "max_tokens": 2},
                        timeout=60)
     assert again.status_code == 200
+
+
+def test_adapters_import_cli_records_the_base_and_refuses_foreign_exports(runs: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    cli_runner = CliRunner()
+    imported = cli_runner.invoke(cli, ["adapters", "import", str(runs["lora"]), "--run", "--id", "mine",
+                                       "--state", str(state)])
+    assert imported.exit_code == 0, imported.output
+    assert json.loads((state / "serving.json").read_text())["base_model"] == str(
+        (runs["lora"] / "full-model").resolve())
+    assert cli_runner.invoke(cli, ["adapters", "list", "--state", str(state)]).output.split()[:2] == ["mine", "lora"]
+    foreign = tiny_run(tmp_path / "foreign", method="lora", task="multiple-choice", report=False,
+                       model_dir=runs["root"] / "llama")  # another coordinator's key
+    refused = cli_runner.invoke(cli, ["adapters", "import", str(foreign), "--run", "--id", "theirs",
+                                      "--state", str(state)])
+    assert refused.exit_code != 0 and "pinned" in refused.output
+    bad_id = cli_runner.invoke(cli, ["adapters", "import", str(runs["lora"]), "--run", "--id", "../x",
+                                     "--state", str(state)])
+    assert bad_id.exit_code != 0 and "--id" in bad_id.output

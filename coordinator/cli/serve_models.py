@@ -16,7 +16,7 @@ from coordinator.errors import CoordinatorError
 from coordinator.serving.adapters import ServingState
 from coordinator.serving.batching import EngineConfig
 from coordinator.serving.gate import QueryGate
-from coordinator.serving.server_config import base_model_dir
+from coordinator.serving.server_config import base_model_dir, record_base
 from coordinator.simulate.runtime import quiet_libraries
 from emulator.errors import EmulatorError
 from protos import crypto
@@ -45,7 +45,7 @@ def import_command(
     try:
         if run:
             record = serving.import_run(source, adapter_id)
-            base_model_dir(directory, source / "full-model") if not (directory / "serving.json").exists() else None
+            record_base(directory, source / "full-model")  # the first run's full model is the served base
         else:
             key = crypto.load_public_key(coordinator_key) if coordinator_key else None
             record = serving.import_export(source, adapter_id, key, force=force)

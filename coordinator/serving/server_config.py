@@ -36,9 +36,14 @@ def base_model_dir(state_dir: Path, base: Path | None) -> Path:
     """``--base`` when given (and recorded if none is), else the recorded one."""
     recorded = ServingConfig.load(state_dir)
     if base is not None:
-        if recorded is None:
-            ServingConfig(base_model=base.resolve()).save(state_dir)
+        record_base(state_dir, base)
         return base
     if recorded is None:
         raise InvalidSettingError(f"{{base}} {state_dir} records no base model; pass --base MODEL_DIR or import a run")
     return recorded.base_model
+
+
+def record_base(state_dir: Path, base: Path) -> None:
+    """Record ``base`` as the served base model unless one is recorded already."""
+    if ServingConfig.load(state_dir) is None:
+        ServingConfig(base_model=Path(base).resolve()).save(state_dir)
