@@ -8,6 +8,7 @@ batching: less padding), up to a size and a padded-token budget, after at most `
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -204,8 +205,6 @@ class TorchEngine:
 
 
 def load_model_config_architectures(base_dir: Path) -> str:
-    import json
-
     config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
     architectures = config.get("architectures") or [""]
     return str(architectures[0])
