@@ -19,7 +19,7 @@ SYSTEMS = ["offsite", "merge", "copies", "sequential", "split", "swap"]
 
 @pytest.mark.slow
 def test_serving_benchmark_quick(tmp_path: Path) -> None:
-    # ~45 s on an idle 2-core machine (one process per system); the timeout absorbs other jobs sharing the CPU.
+    # ~30 s on an idle 2-core machine (one process per system); the timeout absorbs other jobs sharing the CPU.
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serving.py"), "--quick", "--out", str(tmp_path),
                            "--work", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300,
                           check=False)
