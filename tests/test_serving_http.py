@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from coordinator.cli import app as cli
+from coordinator.export.manifest import ExportVerifyError
 from coordinator.export.run_source import load_run
 from coordinator.serving.adapters import ServingState
 from coordinator.serving.batching import EngineConfig, Job
@@ -72,6 +73,20 @@ def test_exports_load_in_plain_transformers_and_peft(runs: dict[str, Path], tmp_
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     tampered = cli_runner.invoke(cli, ["verify-export", str(tmp_path / "peft"), "--coordinator-key", str(pub)])
     assert tampered.exit_code != 0 and "adapter_model.safetensors" in tampered.output
+
+
+def test_a_served_adapter_is_verified_once_and_again_after_an_edit(runs: dict[str, Path], tmp_path: Path) -> None:
+    state = ServingState(tmp_path / "state")
+    first = state.import_run(runs["layers"], "layers-x")
+    assert state.record("layers-x") is first  # no re-hash per request while nothing changed
+    weights = first.directory / "adapter.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))  # same size, so only the change time shows the edit
+    with pytest.raises(ExportVerifyError, match="adapter.safetensors"):
+        state.record("layers-x")
+    weights.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 1]))
+    assert state.record("layers-x") is not first and state.record("layers-x").manifest == first.manifest
 
 
 @pytest.fixture(scope="module")

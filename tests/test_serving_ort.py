@@ -80,7 +80,8 @@ def max_diff(a: list[float], b: list[float]) -> float:
 
 def check_parity(state: ServingState, adapters: tuple[str, ...], base: Path) -> dict[tuple[str, int], Any]:
     """ORT and torch engines over the same state: the same probabilities, metrics, and adapters that differ."""
-    config = EngineConfig(max_wait_s=0.02)
+    # a batch runs once it holds every job (or after 5 s), so the batches mix adapters however loaded the machine is
+    config = EngineConfig(max_wait_s=5, max_batch_size=len(TEXTS) * len(adapters))
     ort = make_engine("ort", base, state, config).start()
     torch_engine = make_engine("torch", base, state, config).start()
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,33 +21,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import save_file
 
 from coordinator.errors import InvalidSettingError
+from coordinator.export.layers_map import ADAPTER_WEIGHTS, LAYERS_MAP, LayersMap
 from coordinator.export.manifest import ExportManifest, sign_export
 from coordinator.export.run_source import RunSource, load_run
 from emulator.loading import load_tokenizer
 from emulator.methods import lora_config_for, peft_state_dict
 from protos import crypto
-from protos.adapter_spec import AdapterSpec
-from protos.documents import Document
 from protos.errors import OutputExistsError
 from protos.files import utc_timestamp
 
 EXPORT_FORMATS = ("safetensors", "peft", "onnx", "adapter")  # adapter: peft for LoRA jobs, layers otherwise
-ADAPTER_WEIGHTS = "adapter.safetensors"
-LAYERS_MAP = "layers.json"
 PARITY_FILE = "onnx-parity.json"
-
-
-@dataclass(frozen=True, kw_only=True)
-class LayersMap(Document):
-    """``layers.json`` of a layers/bitfit export: which full-model tensors ``adapter.safetensors`` replaces."""
-
-    method: str
-    blocks_prefix: str
-    blocks: list[int]  # the full model's adapter blocks
-    spec: dict[str, object]  # the AdapterSpec (names are the full model's state-dict keys)
-
-    def adapter_spec(self) -> AdapterSpec:
-        return AdapterSpec.from_json(dict(self.spec))
 
 
 def _blocks(source: RunSource) -> list[int]:

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from safetensors.torch import load_file
 
 from coordinator.errors import InvalidSettingError, NotFoundError
-from coordinator.export.api import ADAPTER_WEIGHTS, LAYERS_MAP, LayersMap, export_run
+from coordinator.export.layers_map import ADAPTER_WEIGHTS, LAYERS_MAP, LayersMap
 from coordinator.export.manifest import ExportManifest, verify_export
 from protos import crypto
 from protos.adapter_spec import AdapterSpec
@@ -23,6 +24,7 @@ from protos.adapter_spec import AdapterSpec
 ADAPTER_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 SERVABLE_FORMATS = ("peft", "layers")
+Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 def check_adapter_id(adapter_id: str) -> str:
@@ -64,6 +66,8 @@ class ServingState:
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir)
         self.adapters_dir = self.dir / "adapters"
+        self._verified: dict[str, tuple[Fingerprint, AdapterRecord]] = {}
+        self._lock = threading.Lock()
 
     @property
     def coordinator_pub(self) -> Path:
@@ -109,6 +113,8 @@ class ServingState:
 
     def import_run(self, run_dir: Path, adapter_id: str, key: Ed25519PrivateKey | None = None) -> AdapterRecord:
         """A finished job's adapter, exported straight into the state."""
+        from coordinator.export.api import export_run  # the export stack is only needed here, not by a server
+
         check_adapter_id(adapter_id)
         with tempfile.TemporaryDirectory(dir=self.dir if self.dir.exists() else None) as scratch:
             out = Path(scratch) / "export"
@@ -117,12 +123,31 @@ class ServingState:
             return self.import_export(out, adapter_id, signer)
 
     def record(self, adapter_id: str) -> AdapterRecord:
-        """A served adapter, verified against the pinned key each time it is read from disk."""
+        """A served adapter, verified against the pinned key; verified again only when a file in its directory (or
+        the pinned key) changed since, so that a request does not re-hash the adapter's weights."""
         check_adapter_id(adapter_id)
         directory = self.adapters_dir / adapter_id
         if not directory.is_dir():
             raise NotFoundError(f"adapter {adapter_id!r} is not served")
-        return AdapterRecord(adapter_id, directory, verify_export(directory, self.trusted_key()))
+        fingerprint = self._fingerprint(directory)
+        with self._lock:
+            cached = self._verified.get(adapter_id)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        record = AdapterRecord(adapter_id, directory, verify_export(directory, self.trusted_key()))
+        with self._lock:
+            self._verified[adapter_id] = (fingerprint, record)
+        return record
+
+    def _fingerprint(self, directory: Path) -> Fingerprint:
+        """Every file's path, size, change time and inode, and the same of the directory and the pinned key: an
+        import renames a new directory into place and an edit changes a size or a ctime, so either shows here."""
+        def entry(path: Path, name: str) -> tuple[str, int, int, int]:
+            stat = path.stat()
+            return name, stat.st_size, stat.st_ctime_ns, stat.st_ino
+
+        files = [entry(p, p.relative_to(directory).as_posix()) for p in sorted(directory.rglob("*"))]
+        return (entry(directory, "."), entry(self.coordinator_pub, "coordinator.pub"), *files)
 
     def adapter_ids(self) -> list[str]:
         if not self.adapters_dir.is_dir():
