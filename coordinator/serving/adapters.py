@@ -27,6 +27,11 @@ SERVABLE_FORMATS = ("peft", "layers")
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
+class AdapterRefusedError(Exception):
+    """An adapter cannot be served on this base (another base model, another task, an unsupported config); the
+    message says why."""
+
+
 def check_adapter_id(adapter_id: str) -> str:
     if not ADAPTER_ID.match(adapter_id):
         raise InvalidSettingError(f"{{adapter_id}} must be 1-64 of a-z, 0-9, '.', '_', '-' (starting with a letter "

@@ -1,7 +1,8 @@
 """The serving engine: one base model, many adapters, requests for different adapters in one batch.
 
-LoRA rows go through peft's mixed-adapter batch (``adapter_names=``: the base layers run once, each adapter adds
-its LoRA term to its rows); ``layers`` rows through split batching (:mod:`coordinator.serving.split_batch`). A
+The base layers run once over the whole batch. LoRA rows get their adapter's LoRA term from the batched LoRA bank
+(:mod:`coordinator.serving.lora_bank`); ``layers`` rows, and LoRA adapters' heads, go through split batching
+(:mod:`coordinator.serving.split_batch`). A
 batcher thread takes requests of one kind, closest in length to the oldest waiting one (PetS's coordinated
 batching: less padding), up to a size and a padded-token budget, after at most ``max_wait_s``.
 """
@@ -16,24 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
 from coordinator.bundles import state_dict_digest
-from coordinator.serving.adapters import AdapterRecord, ServingState
+from coordinator.serving.adapters import AdapterRecord, AdapterRefusedError, ServingState
 from coordinator.serving.batching import EngineConfig, Job, JobQueue
 from coordinator.serving.cache import AdapterCache
 from coordinator.serving.decode import classify_rows, greedy_decode
+from coordinator.serving.lora_bank import LoraBank, read_lora
 from coordinator.serving.metrics import ServingMetrics
 from coordinator.serving.onnx_runner import OrtRunner
-from coordinator.serving.split_batch import BASE, RowRouter, SplitBatcher
+from coordinator.serving.split_batch import RowRouter, SplitBatcher
 from emulator.loading import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class AdapterRefusedError(Exception):
-    """An adapter cannot be served on this base (another base model, another task); the message says why."""
+__all__ = ["AdapterRefusedError", "LoadedAdapter", "TorchEngine"]
 
 
 @dataclass
@@ -54,10 +52,9 @@ class TorchEngine:
         self.inner: PreTrainedModel = load_model(str(base_dir), self.task).eval()
         self.base_sha256 = state_dict_digest(self.inner)
         self.base_id = str(base_dir)
-        self.model: torch.nn.Module = self.inner
-        self.peft: PeftModel | None = None
         self.router = RowRouter()
         self.split = SplitBatcher(self.inner, self.router)
+        self.lora = LoraBank(self.inner)
         self.adapters: dict[str, LoadedAdapter] = {}
         self.metrics = ServingMetrics()
         self.cache = AdapterCache(self.config.cache_mb << 20, self._load, self._unload,
@@ -88,30 +85,20 @@ class TorchEngine:
             self.ort.prepare(record, tensors)
             self.adapters[adapter_id] = LoadedAdapter(record, record.manifest.labels)
             return size
+        lora = read_lora(adapter_id, record.directory, tensors) if record.kind == "lora" else None
         with self.model_lock:
-            if record.kind == "lora":
-                self._add_lora(adapter_id, record, tensors)
-            else:
+            if lora is None:
                 self.split.add(adapter_id, tensors)
+            else:
+                self.split.add(adapter_id, lora.heads)  # a classification head: routed like a layers adapter
+                try:
+                    self.lora.add(adapter_id, lora)
+                except BaseException:
+                    self.split.remove(adapter_id)
+                    raise
+            self.lora.rehook()  # a module split batching wrapped just now gets its LoRA hook on the wrapper
             self.adapters[adapter_id] = LoadedAdapter(record, record.manifest.labels)
         return size
-
-    def _add_lora(self, adapter_id: str, record: AdapterRecord, tensors: dict[str, torch.Tensor]) -> None:
-        config = LoraConfig.from_pretrained(str(record.directory))
-        config.inference_mode = True
-        config.base_model_name_or_path = self.inner.name_or_path  # the served base, whatever the export recorded
-        self.split.unwrap_all()
-        try:
-            if self.peft is None:
-                self.peft = get_peft_model(self.inner, config, adapter_name=adapter_id).eval()
-                self.model = self.peft
-            elif adapter_id not in self.peft.peft_config:
-                self.peft.add_adapter(adapter_id, config)
-            state = {f"base_model.model.{name}": value for name, value in tensors.items()}
-            set_peft_model_state_dict(self.peft, state, adapter_name=adapter_id)
-            self.peft.eval()
-        finally:
-            self.split.rewrap_all()
 
     def _unload(self, adapter_id: str) -> None:
         with self.model_lock:
@@ -119,13 +106,9 @@ class TorchEngine:
             if loaded is None:
                 return
             self.split.remove(adapter_id)
+            self.lora.remove(adapter_id)
             if self.ort is not None:
                 self.ort.drop(adapter_id)
-            peft = self.peft
-            if peft is not None and adapter_id in peft.peft_config and len(peft.peft_config) > 1:
-                peft.delete_adapter(adapter_id)
-                peft.set_adapter(next(iter(peft.peft_config)))
-            # peft cannot drop its last adapter: that one stays, unused, until another replaces it
 
     def adapter_labels(self, adapter_id: str) -> list[str] | None:
         return self.state.record(adapter_id).manifest.labels
@@ -189,19 +172,12 @@ class TorchEngine:
         if self.ort is not None and jobs[0].kind == "classify":
             self.ort.classify(jobs, self.tokenizer, self.metrics)
             return
-        routed = [j.adapter_id if self._kind(j.adapter_id) == "layers" else BASE for j in jobs]
-        lora = [j.adapter_id if self._kind(j.adapter_id) == "lora" else BASE for j in jobs]
-        extra = {"adapter_names": lora} if self.peft is not None else {}
-        base_rows = [row for row, name in enumerate(lora) if name == BASE]
-        with self.model_lock, torch.inference_mode(), self.router.route(routed, base_rows):
+        rows = [job.adapter_id for job in jobs]
+        with self.model_lock, torch.inference_mode(), self.router.route(rows), self.lora.route(rows):
             if jobs[0].kind == "classify":
-                classify_rows(self.model, self.tokenizer, jobs, extra, self.metrics)
+                classify_rows(self.inner, self.tokenizer, jobs, {}, self.metrics)
             else:
-                greedy_decode(self.model, self.tokenizer, jobs, extra, self.metrics)
-
-    def _kind(self, adapter_id: str) -> str:
-        loaded = self.adapters.get(adapter_id)
-        return loaded.record.kind if loaded else "none"
+                greedy_decode(self.inner, self.tokenizer, jobs, {}, self.metrics)
 
 
 def load_model_config_architectures(base_dir: Path) -> str:
