@@ -89,20 +89,34 @@ class JobQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def _pick(self) -> list[Job]:
+    def _pick(self, room: int | None = None) -> list[Job]:
+        """The oldest job and those of its kind closest to it in length, within the size and token budgets;
+        ``room``: at most that many generate jobs (the rows a running decode batch has left)."""
         oldest = self._jobs[0]
+        limit = self.config.max_batch_size if room is None or oldest.kind != "generate" else room
         same = sorted((j for j in self._jobs if j.kind == oldest.kind),
                       key=lambda j: (abs(len(j.input_ids) - len(oldest.input_ids)), j.enqueued))
         batch: list[Job] = []
         longest = new = 0
         for job in same:
             longest_, new_ = max(longest, len(job.input_ids)), max(new, job.max_new_tokens)
-            if batch and (len(batch) + 1 > self.config.max_batch_size
-                          or (len(batch) + 1) * (longest_ + new_) > self.config.max_batch_tokens):
+            if len(batch) + 1 > limit or batch and (
+                    (len(batch) + 1) * (longest_ + new_) > self.config.max_batch_tokens):
                 continue
             batch.append(job)
             longest, new = longest_, new_
         return batch
+
+    def take_now(self, room: int) -> list[Job]:
+        """Without waiting: a batch as :meth:`take` would pick it, with at most ``room`` generate jobs (those join
+        a running decode batch between its steps)."""
+        with self._cond:
+            if not self._jobs:
+                return []
+            batch = self._pick(room)
+            taken = set(map(id, batch))
+            self._jobs = [j for j in self._jobs if id(j) not in taken]
+            return batch
 
     def _full(self) -> bool:
         return len(self._pick()) >= self.config.max_batch_size

@@ -1,15 +1,29 @@
-"""A batch's forward passes: greedy decoding with a KV cache and per-row streaming, and classification."""
+"""A model's forward passes for the engine: continuous greedy decoding with a KV cache and per-row streaming, and
+classification.
+
+:class:`RunningBatch` holds the generate requests being decoded. New requests join it between decoding steps
+(iteration-level scheduling, as in Orca): they are prefilled on their own, and their KV cache, attention mask and
+positions are left-padded to the running batch's width and stacked under it. Finished rows leave after the step
+that finished them, and the columns no remaining row needs are cut off. Every row attends only to its own tokens
+(the mask) at its own positions, so a row's tokens equal those of running it alone.
+"""
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from coordinator.serving.batching import Job
 from coordinator.serving.metrics import ServingMetrics
+
+Route = Callable[[list[str]], AbstractContextManager[Any]]  # rows' adapter ids -> the context a forward runs in
 
 
 def _left_padded(jobs: list[Job], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +34,15 @@ def _left_padded(jobs: list[Job], pad_id: int) -> tuple[torch.Tensor, torch.Tens
         ids[row, width - len(job.input_ids):] = torch.tensor(job.input_ids)
         mask[row, width - len(job.input_ids):] = 1
     return ids, mask
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 class _Detokenizer:
@@ -40,51 +63,143 @@ class _Detokenizer:
         return str(self.tokenizer.decode(self.ids, skip_special_tokens=True))
 
 
-def greedy_decode(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, jobs: list[Job],
-                  extra: dict[str, Any], metrics: ServingMetrics) -> None:
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    eos = tokenizer.eos_token_id
-    ids, mask = _left_padded(jobs, pad_id)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    detok = [_Detokenizer(tokenizer) for _ in jobs]
-    reasons: list[str | None] = [None] * len(jobs)
-    for _step in range(max(j.max_new_tokens for j in jobs)):
-        next_ids = out.logits[:, -1, :].argmax(-1)  # (batch,)
-        now = time.monotonic()
-        for row, job in enumerate(jobs):
-            if reasons[row] is not None:
-                continue
-            token = int(next_ids[row])
-            if eos is not None and token == eos:
-                reasons[row] = "stop"
-                continue
-            delta = detok[row].push(token)
-            job.token(delta)
-            if len(detok[row].ids) >= job.max_new_tokens:
-                reasons[row] = "length"
-            elif job.deadline is not None and now > job.deadline:
-                reasons[row] = "deadline"
-        if all(r is not None for r in reasons):
-            break
-        mask = torch.cat([mask, mask.new_ones((len(jobs), 1))], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True, **extra)
-    end = time.monotonic()
-    for row, job in enumerate(jobs):
-        generated = len(detok[row].ids)
-        metrics.tokens.inc(job.adapter_id, amount=generated)
-        metrics.prompt_tokens.inc(job.adapter_id, amount=len(job.input_ids))
+class RunningBatch:
+    """The generate requests being decoded together, and their KV cache."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, metrics: ServingMetrics,
+                 route: Route) -> None:
+        self.model, self.tokenizer, self.metrics, self.route = model, tokenizer, metrics, route
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.keep_last = _keep_last(model)
+        self.finished: list[Job] = []  # since the engine last collected them
+        self._reset()
+
+    def _reset(self) -> None:
+        self.jobs: list[Job] = []
+        self.detok: list[_Detokenizer] = []
+        self.cache: Any = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long)  # (batch, width): 1 where a row has a token
+        self.positions = torch.zeros((0, 1), dtype=torch.long)  # (batch, 1): each row's next position
+        self.next_ids = torch.zeros((0,), dtype=torch.long)  # (batch,): each row's last chosen token
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def joinable(self) -> bool:
+        """New rows can join only a cache of plain layers (a sliding-window cache keeps its own length)."""
+        return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def admit(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` and add them to the batch. If the forward pass raises, nothing has changed."""
+        ids, mask = _left_padded(jobs, self.pad_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+        with self.route([job.adapter_id for job in jobs]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **self.keep_last)
+        self.metrics.batch_size.observe(len(jobs))
+        first = len(self.jobs)
+        self._join(jobs, out.cache, mask, positions[:, -1:] + 1, out.logits[:, -1, :].argmax(-1))
+        self._take(range(first, len(self.jobs)))
+
+    def step(self) -> None:
+        """One token for every row. If the forward pass raises, every row fails (the caller reports it)."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.jobs), 1))], dim=1)
+        with self.route([job.adapter_id for job in self.jobs]):
+            out = self.model(input_ids=self.next_ids[:, None], attention_mask=self.mask, position_ids=self.positions,
+                             cache=self.cache, use_cache=True)
+        self.metrics.batch_size.observe(len(self.jobs))
+        self.cache, self.positions = out.cache, self.positions + 1
+        self.next_ids = out.logits[:, -1, :].argmax(-1)  # (batch,)
+        self._take(range(len(self.jobs)))
+
+    def fail_all(self, status: int, code: str, message: str) -> None:
+        for job in self.jobs:
+            job.fail(status, code, message)
+        self.finished.extend(self.jobs)
+        self._keep([])
+
+    def collect(self) -> list[Job]:
+        finished, self.finished = self.finished, []
+        return finished
+
+    def _join(self, jobs: list[Job], cache: Any, mask: torch.Tensor, positions: torch.Tensor,
+              next_ids: torch.Tensor) -> None:
+        if self.jobs:  # keys and values: (batch, heads, width, head_dim)
+            width = max(self.width, int(mask.shape[1]))
+            for old, new in zip(self.cache.layers, cache.layers, strict=True):
+                old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+                old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+            mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+            positions = torch.cat([self.positions, positions])
+            next_ids = torch.cat([self.next_ids, next_ids])
+            cache = self.cache
+        self.jobs, self.cache, self.mask = self.jobs + jobs, cache, mask
+        self.positions, self.next_ids = positions, next_ids
+        self.detok += [_Detokenizer(self.tokenizer) for _ in jobs]
+
+    def _take(self, rows: range) -> None:
+        """Stream each row's new token; finish the rows that are done and drop them from the batch."""
+        eos, now, done = self.tokenizer.eos_token_id, time.monotonic(), set()
+        for row in rows:
+            job, token = self.jobs[row], int(self.next_ids[row])
+            if job.max_new_tokens < 1:
+                reason: str | None = "length"
+            elif eos is not None and token == eos:
+                reason = "stop"
+            else:
+                job.token(self.detok[row].push(token))
+                reason = None
+                if len(self.detok[row].ids) >= job.max_new_tokens:
+                    reason = "length"
+                elif job.deadline is not None and now > job.deadline:
+                    reason = "deadline"
+            if reason is not None:
+                self._finish(row, reason)
+                done.add(row)
+        if done:
+            self._keep([row for row in range(len(self.jobs)) if row not in done])
+
+    def _finish(self, row: int, reason: str) -> None:
+        job, detok, end = self.jobs[row], self.detok[row], time.monotonic()
+        generated = len(detok.ids)
+        self.metrics.tokens.inc(job.adapter_id, amount=generated)
+        self.metrics.prompt_tokens.inc(job.adapter_id, amount=len(job.input_ids))
         if job.first_token_at is not None:
-            metrics.ttft.observe(job.first_token_at - job.enqueued, job.adapter_id)
-        if reasons[row] == "deadline":
-            metrics.deadline_misses.inc(job.adapter_id)
+            self.metrics.ttft.observe(job.first_token_at - job.enqueued, job.adapter_id)
+        self.finished.append(job)
+        if reason == "deadline":
+            self.metrics.deadline_misses.inc(job.adapter_id)
             job.fail(504, "deadline_exceeded", f"the request's deadline passed after {generated} tokens")
-            continue
-        metrics.latency.observe(end - job.enqueued, job.adapter_id)
-        job.done(text=detok[row].text(), finish_reason=reasons[row] or "length", completion_tokens=generated,
-                 prompt_tokens=len(job.input_ids), token_ids=list(detok[row].ids))
+            return
+        self.metrics.latency.observe(end - job.enqueued, job.adapter_id)
+        job.done(text=detok.text(), finish_reason=reason, completion_tokens=generated,
+                 prompt_tokens=len(job.input_ids), token_ids=list(detok.ids))
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only ``rows``; cut the leading columns that every remaining row has masked out."""
+        if not rows:
+            self._reset()
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        self.jobs = [self.jobs[row] for row in rows]
+        self.detok = [self.detok[row] for row in rows]
+        self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
+        for layer in self.cache.layers:
+            layer.batch_select_indices(index)
+        start = int(self.mask.any(0).nonzero()[0])
+        if start > 0 and self.joinable():
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _keep_last(model: torch.nn.Module) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model takes it: the prefill needs the last position's logits only."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def classify_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, jobs: list[Job],

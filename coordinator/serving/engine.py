@@ -13,6 +13,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from coordinator.bundles import state_dict_digest
 from coordinator.serving.adapters import AdapterRecord, AdapterRefusedError, ServingState
 from coordinator.serving.batching import EngineConfig, Job, JobQueue
 from coordinator.serving.cache import AdapterCache
-from coordinator.serving.decode import classify_rows, greedy_decode
+from coordinator.serving.decode import RunningBatch, classify_rows
 from coordinator.serving.lora_bank import LoraBank, read_lora
 from coordinator.serving.metrics import ServingMetrics
 from coordinator.serving.onnx_runner import OrtRunner
@@ -62,6 +64,7 @@ class TorchEngine:
         self.model_lock = threading.Lock()  # adapters change only between batches
         self.ort: OrtRunner | None = None  # --engine ort: classification runs on onnxruntime
         self.queue = JobQueue(self.config)
+        self.running = RunningBatch(self.inner, self.tokenizer, self.metrics, self._route)
         self._thread = threading.Thread(target=self._loop, name="offsite-batcher", daemon=True)
         self._stop = threading.Event()
 
@@ -132,20 +135,24 @@ class TorchEngine:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
+        """Decode the running batch a step at a time; between steps, new generate requests join it and
+        classification batches run. With nothing running, wait for a batch as the queue forms it."""
         torch.set_num_threads(self.config.threads)
         while not self._stop.is_set():
-            batch = self.queue.take(self._stop)
+            if len(self.running) == 0:
+                batch = self.queue.take(self._stop)
+            else:
+                room = self.config.max_batch_size - len(self.running) if self.running.joinable() else 0
+                batch = self.queue.take_now(room)
             if batch:
-                self._run(batch)
+                self._schedule(batch)
+            if len(self.running):
+                self._step()
 
-    def _run(self, batch: list[Job]) -> None:
-        try:
-            self._run_batch(batch)
-        finally:  # outside the model lock: a loading request may hold the cache's lock and wait for the model's
-            for job in batch:
-                self.cache.release(job.adapter_id)
-
-    def _run_batch(self, batch: list[Job]) -> None:
+    def _schedule(self, batch: list[Job]) -> None:
+        """Fail the requests whose deadline passed while queued; run a classification batch, or prefill generate
+        requests into the running batch. A batch that fails is rerun a request at a time, so only the bad one
+        fails."""
         now = time.monotonic()
         live = []
         for job in batch:
@@ -153,31 +160,57 @@ class TorchEngine:
             if job.deadline is not None and now > job.deadline:
                 self.metrics.deadline_misses.inc(job.adapter_id)
                 job.fail(504, "deadline_exceeded", "the request's deadline passed before it was scheduled")
+                self.cache.release(job.adapter_id)
             else:
                 live.append(job)
-        if not live:
-            return
-        self.metrics.batch_size.observe(len(live))
-        try:
-            self._forward(live)
-        except Exception:  # one bad request must not fail the others: run each alone
-            if len(live) == 1:
+        groups = [live] if live else []
+        while groups:
+            jobs = groups.pop()
+            try:
+                self._forward(jobs)
+            except Exception:
+                if len(jobs) > 1:
+                    groups.extend([job] for job in jobs)
+                    continue
                 log.exception("request failed")
-                live[0].fail(500, "internal_error", "the model failed on this request")
-                return
-            for job in live:
-                self._run_batch([job])
+                jobs[0].fail(500, "internal_error", "the model failed on this request")
+                self.cache.release(jobs[0].adapter_id)
+            else:
+                if jobs[0].kind == "classify":
+                    for job in jobs:
+                        self.cache.release(job.adapter_id)
+        self._release_finished()
 
     def _forward(self, jobs: list[Job]) -> None:
-        if self.ort is not None and jobs[0].kind == "classify":
+        if jobs[0].kind != "classify":
+            with self.model_lock, torch.inference_mode():
+                self.running.admit(jobs)
+            return
+        self.metrics.batch_size.observe(len(jobs))
+        if self.ort is not None:
             self.ort.classify(jobs, self.tokenizer, self.metrics)
             return
-        rows = [job.adapter_id for job in jobs]
-        with self.model_lock, torch.inference_mode(), self.router.route(rows), self.lora.route(rows):
-            if jobs[0].kind == "classify":
-                classify_rows(self.inner, self.tokenizer, jobs, {}, self.metrics)
-            else:
-                greedy_decode(self.inner, self.tokenizer, jobs, {}, self.metrics)
+        with self.model_lock, torch.inference_mode(), self._route([job.adapter_id for job in jobs]):
+            classify_rows(self.inner, self.tokenizer, jobs, {}, self.metrics)
+
+    def _step(self) -> None:
+        try:
+            with self.model_lock, torch.inference_mode():
+                self.running.step()
+        except Exception:
+            log.exception("a decoding step failed")
+            self.running.fail_all(500, "internal_error", "the model failed while generating")
+        self._release_finished()
+
+    def _release_finished(self) -> None:
+        """Outside the model lock: releasing may evict an adapter, and unloading takes the model lock."""
+        for job in self.running.collect():
+            self.cache.release(job.adapter_id)
+
+    @contextmanager
+    def _route(self, rows: list[str]) -> Iterator[None]:
+        with self.router.route(rows), self.lora.route(rows):
+            yield
 
 
 def load_model_config_architectures(base_dir: Path) -> str:
