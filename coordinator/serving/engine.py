@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
@@ -28,9 +29,11 @@ from coordinator.serving.cache import AdapterCache
 from coordinator.serving.decode import RunningBatch, classify_rows
 from coordinator.serving.lora_bank import LoraBank, read_lora
 from coordinator.serving.metrics import ServingMetrics
-from coordinator.serving.onnx_runner import OrtRunner
 from coordinator.serving.split_batch import RowRouter, SplitBatcher
 from emulator.loading import load_model, load_tokenizer
+
+if TYPE_CHECKING:  # onnxruntime is loaded only by --engine ort
+    from coordinator.serving.onnx_runner import OrtRunner
 
 log = logging.getLogger(__name__)
 __all__ = ["AdapterRefusedError", "LoadedAdapter", "TorchEngine"]

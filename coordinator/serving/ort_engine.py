@@ -9,7 +9,6 @@ from coordinator.errors import InvalidSettingError
 from coordinator.serving.adapters import ServingState
 from coordinator.serving.batching import EngineConfig
 from coordinator.serving.engine import TorchEngine
-from coordinator.serving.onnx_runner import OrtRunner
 
 ENGINES = ("torch", "ort")
 
@@ -21,5 +20,7 @@ def make_engine(kind: str, base_dir: Path, state: ServingState, config: EngineCo
     if kind == "ort":
         if engine.task != "classification":
             raise InvalidSettingError("{engine} ort serves classification adapters; this base model is a causal LM")
+        from coordinator.serving.onnx_runner import OrtRunner  # onnxruntime only for --engine ort
+
         engine.ort = OrtRunner(copy.deepcopy(engine.inner), state.dir / "onnx", threads=config.threads)
     return engine
