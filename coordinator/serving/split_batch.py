@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 from emulator.errors import EmulatorError
 
@@ -80,14 +81,21 @@ class RoutedModule(nn.Module):
             self.variants[adapter_id] = params
         self._keys = frozenset(self.variants)
 
+    def _run(self, adapter: str, x: torch.Tensor, args: tuple[torch.Tensor, ...],
+             kwargs: dict[str, object]) -> torch.Tensor:
+        params = self.variants[adapter]
+        if type(self.base) is nn.Linear:  # most routed modules: skip functional_call's parameter swapping
+            return F.linear(x, params["weight"], params.get("bias"))
+        return functional_call(self.base, params, (x, *args), kwargs)  # type: ignore[no-any-return]
+
     def forward(self, x: torch.Tensor, *args: torch.Tensor, **kwargs: object) -> torch.Tensor:
         split = self.router.partition(x.shape[0], self._keys) if self._keys else None
         if split is None or not split[0]:
             return self.base(x, *args, **kwargs)  # type: ignore[no-any-return]
         groups, rest = split
         if rest is None and len(groups) == 1:
-            return functional_call(self.base, self.variants[groups[0][0]], (x, *args), kwargs)  # type: ignore[no-any-return]
-        parts = [(rows, functional_call(self.base, self.variants[adapter], (x[rows], *args), kwargs))
+            return self._run(groups[0][0], x, args, kwargs)
+        parts = [(rows, self._run(adapter, x[rows], args, kwargs))
                  for adapter, rows in groups]  # x: (batch, ...) -> each group's rows: (rows, ...)
         if rest is not None:
             parts.append((rest, self.base(x[rest], *args, **kwargs)))
