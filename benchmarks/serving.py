@@ -30,13 +30,15 @@ seconds; every system's peak RSS (``VmHWM``, read after the replay) thus include
 trace uses in one batch, which also loads them; a baseline: two requests); arrivals are replayed in real time at
 their timestamps; a system that is busy queues them:
 
-- ``offsite``: ``TorchEngine`` with the N LoRA adapters, requests ``submit()``-ed at their arrival: dynamic mixed-
-  adapter batches (peft ``adapter_names=``), at most ``max_batch_size`` requests, 10 ms maximum wait;
+- ``offsite``: ``TorchEngine`` with the N LoRA adapters, requests ``submit()``-ed at their arrival: continuous
+  batching (requests join the running batch between decoding steps) of mixed adapters (the batched LoRA bank), at
+  most ``max_batch_size`` requests, 10 ms maximum wait for a batch to form when none is running;
 - ``merge``: one PeftModel holding the N adapters; per request, first come first served: ``set_adapter``,
   ``merge_adapter()``, greedy ``generate``, ``unmerge_adapter()``;
 - ``copies``: one merged model per adapter (``deepcopy`` + ``merge_and_unload``), first come first served;
 - ``sequential``: one PeftModel, per request ``set_adapter`` and ``generate`` (unmerged);
-- ``split``: ``TorchEngine`` with N ``layers`` adapters (split batching: the middle blocks run once per batch);
+- ``split``: ``TorchEngine`` with N ``layers`` adapters (split batching: the middle blocks run once per batch), with
+  the same continuous batching;
 - ``swap``: the base model; per request the adapter's block tensors are copied in (``load_state_dict`` of those
   keys), ``generate``, and the base's copied back.
 
