@@ -15,7 +15,7 @@ from tests.models import tiny_classifier_dir
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import sys
-from coordinator.simulate.runtime import quiet_libraries
+from coordinator.quiet import quiet_libraries
 from emulator.loading import load_model
 quiet_libraries(verbose=sys.argv[2] == "verbose")
 load_model(sys.argv[1], "classification", num_labels=6)  # a new head: transformers reports the mismatch

@@ -222,3 +222,15 @@ def test_adapters_import_cli_records_the_base_and_refuses_foreign_exports(runs: 
     bad_id = cli_runner.invoke(cli, ["adapters", "import", str(runs["lora"]), "--run", "--id", "../x",
                                      "--state", str(state)])
     assert bad_id.exit_code != 0 and "--id" in bad_id.output
+
+
+def test_serve_models_process_imports_the_serving_stack_only() -> None:
+    """A serving process must not carry the federation stack (Flower, gRPC) or onnxruntime it does not use."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.argv = ['offsite-coordinator', 'serve-models', '--help']\n"
+            "from coordinator.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('flwr', 'grpc', 'matplotlib', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "--http-port" in out.stdout and out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:]

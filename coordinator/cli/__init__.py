@@ -1,47 +1,40 @@
-"""``offsite-coordinator``: the model owner's admin CLI, one module per command group."""
+"""``offsite-coordinator``: the model owner's admin CLI, one module per command group.
+
+The full app (:mod:`coordinator.cli.root`) imports every command's stack, the federation's included. ``serve-models``
+runs in a long-lived server process, so :func:`main` gives it an app of its own that imports the serving stack only.
+"""
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import typer
 
-from coordinator.cli.admin_key import admin_key_app
-from coordinator.cli.app_sign import app_app
-from coordinator.cli.delta_key import delta_key_app
-from coordinator.cli.deploy import deploy_app
-from coordinator.cli.emulator import emulator_app
-from coordinator.cli.export import export_command, verify_export_command
-from coordinator.cli.jobs import job_app
-from coordinator.cli.keys import keys_app
-from coordinator.cli.market import market_app
-from coordinator.cli.owners import owners_app
-from coordinator.cli.rounds import round_app
-from coordinator.cli.run import demo_command, eval_command, simulate_command
-from coordinator.cli.serve import serve
-from coordinator.cli.serve_models import adapters_app, serve_models_command
-from coordinator.cli.sweep import sweep_command
+LIGHT_COMMANDS = ("serve-models",)
 
-app = typer.Typer(help="Offsite tuning, model owner's side: build bundles, run rounds, plug in, evaluate.",
-                  no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
-emulator_app.command("sweep")(sweep_command)
-app.add_typer(emulator_app, name="emulator")
-app.command("simulate")(simulate_command)
-app.command("demo")(demo_command)
-app.command("eval")(eval_command)
-app.command("serve")(serve)
-app.add_typer(owners_app, name="owners")
-app.add_typer(job_app, name="job")
-app.add_typer(round_app, name="round")
-app.add_typer(delta_key_app, name="delta-key")
-app.add_typer(admin_key_app, name="admin-key")
-app.add_typer(deploy_app, name="deploy")
-app.add_typer(app_app, name="app")
-app.command("export")(export_command)
-app.command("verify-export")(verify_export_command)
-app.add_typer(market_app, name="market")
-app.command("serve-models")(serve_models_command)
-app.add_typer(adapters_app, name="adapters")
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from coordinator.cli.root import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _serving_app() -> typer.Typer:
+    from coordinator.cli.serve_models import serve_models_command
+
+    app = typer.Typer(help="Offsite tuning, model owner's side: serve tuned adapters.")
+    app.callback()(lambda: None)  # a group, so that ``serve-models`` stays a subcommand
+    app.command("serve-models")(serve_models_command)
+    return app
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in LIGHT_COMMANDS:
+        _serving_app()()
+        return
+    from coordinator.cli.root import app
+
     app()

@@ -12,7 +12,7 @@ from coordinator.cli.common import KeyOption, VerboseOption, console, fail_with
 from coordinator.errors import CoordinatorError
 from coordinator.export.api import EXPORT_FORMATS, PARITY_FILE, export_run
 from coordinator.export.manifest import verify_export
-from coordinator.simulate.runtime import quiet_libraries
+from coordinator.quiet import quiet_libraries
 from emulator.errors import EmulatorError
 from protos import crypto
 from protos.errors import ProtocolError

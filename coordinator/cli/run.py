@@ -13,9 +13,9 @@ from coordinator.cli.common import VerboseOption, block_list, console, fail_with
 from coordinator.demo_data import demo_dataset
 from coordinator.errors import CoordinatorError, InvalidSettingError
 from coordinator.plugin_report import PluginReport
+from coordinator.quiet import quiet_libraries
 from coordinator.simulate import SimulateConfig, evaluate_run, setup, simulate
 from coordinator.simulate.llm_demo import LLM_DEMO_TASK, llm_demo_config
-from coordinator.simulate.runtime import quiet_libraries
 from emulator.compress import compression_plan
 from emulator.errors import EmulatorError
 from protos.errors import ProtocolError

@@ -13,11 +13,11 @@ from fastapi import APIRouter
 
 from coordinator.cli.common import StateOption, VerboseOption, console, fail_with, state_dir
 from coordinator.errors import CoordinatorError
+from coordinator.quiet import quiet_libraries
 from coordinator.serving.adapters import ServingState
 from coordinator.serving.batching import EngineConfig
 from coordinator.serving.gate import QueryGate
 from coordinator.serving.server_config import base_model_dir, record_base
-from coordinator.simulate.runtime import quiet_libraries
 from emulator.errors import EmulatorError
 from protos import crypto
 from protos.errors import ProtocolError

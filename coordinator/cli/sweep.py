@@ -10,7 +10,7 @@ from rich.table import Table
 
 from coordinator.cli.common import VerboseOption, console, fail_with
 from coordinator.errors import CoordinatorError
-from coordinator.simulate.runtime import quiet_libraries
+from coordinator.quiet import quiet_libraries
 from coordinator.sweep import SettingResult, SweepConfig, run_sweep
 from emulator.errors import EmulatorError
 from protos.errors import ProtocolError

@@ -12,7 +12,6 @@ import importlib
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from coordinator.federation import FederationSettings
 from coordinator.flower_app import make_server_app
 from coordinator.paths import ensure_admin_key
 from coordinator.progress import Progress
+from coordinator.quiet import quiet_libraries
 from coordinator.server import start_server
 from coordinator.simulate.config import SimulateConfig
 from coordinator.simulate.setup import RunLayout, Setup, Variant, coordinator_public_key
@@ -40,21 +40,6 @@ QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": 
 
 class SimulationRuntimeError(CoordinatorError):
     """Flower's simulation runtime (Ray) could not start."""
-
-
-def quiet_libraries(verbose: bool) -> None:
-    """Unless ``verbose``: hide transformers' load reports and weight-loading bars, Flower's and Ray's warnings and
-    INFO logs."""
-    if verbose:
-        return
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # weight loading and saving; training bars stay
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def load_client_app(settings: dict[str, Any]) -> ClientApp:
