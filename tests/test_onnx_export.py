@@ -92,9 +92,14 @@ def merged(base: PreTrainedModel, family: str, tensors: dict[str, torch.Tensor])
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_export_matches_torch_at_two_shapes_with_padding(family: str, tmp_path: Path) -> None:
     model = tiny(family)
+    attention = model.config._attn_implementation
     path = tmp_path / "model.onnx"
     export_onnx(model, path)
+    assert model.config._attn_implementation == attention  # traced with eager attention, then restored
     proto = onnx.load(str(path))
+    ops = [node.op_type for node in proto.graph.node]
+    if family == "bert":  # onnxruntime's fusions: one Attention per layer, no SkipLayerNormalization
+        assert ops.count("Attention") == 2 and ops.count("BiasGelu") == 2 and "SkipLayerNormalization" not in ops
     assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in proto.graph.output] == ["logits"]
     assert not any(t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL

@@ -9,7 +9,7 @@ factor carries its own ``lora_alpha / r``, so adapters with different alphas sha
 weight.
 
 Graphs are cached under ``cache_dir`` and reused across restarts: ``<adapter_sha256>/model.onnx`` for a plugged
-graph, ``lora-<digest>/base.onnx`` (digest of the base, the targeted modules, the rank and the heads) with
+graph, ``lora-<digest>/base.onnx`` (digest of the base, the LoRA modules, the rank, the heads, the graph version) with
 ``<adapter_sha256>.onnx_adapter`` files for the shared one. Each file is written atomically; a small ``key.json``
 (plugged) or ``lora_inputs.json`` (shared), written last, marks a finished build.
 """
@@ -19,9 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
-import re
 import tempfile
 import threading
 import time
@@ -46,12 +44,13 @@ from coordinator.export.onnx import (
 )
 from coordinator.serving.adapters import AdapterRecord
 from coordinator.serving.batching import Job
+from coordinator.serving.lora_bank import LORA_A, LORA_B, LoraFactors, read_lora
 from coordinator.serving.metrics import ServingMetrics
 
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 PLUGGED_GRAPH = "model.onnx"
 SHARED_GRAPH = "base.onnx"
 KEY_FILE = "key.json"
+GRAPH_VERSION = 2  # in every cache key: 2 = BERT traced with eager attention and fused; older graphs are rebuilt
 
 
 @dataclass(frozen=True)
@@ -62,17 +61,6 @@ class _Served:
     graph: Path
     session: onnxruntime.InferenceSession
     adapter: Path | None
-
-
-@dataclass(frozen=True)
-class _Lora:
-    """A LoRA adapter read for ONNX: per-module rank and scale, its factors, and the head tensors it replaces."""
-
-    modules: list[str]
-    ranks: dict[str, int]
-    scales: dict[str, float]
-    factors: dict[str, torch.Tensor]  # <module>.lora_A.weight / .lora_B.weight
-    heads: dict[str, torch.Tensor]
 
 
 def _digest(value: object) -> str:
@@ -95,47 +83,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the module name's tail."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _read_lora(record: AdapterRecord, tensors: Mapping[str, torch.Tensor]) -> _Lora:
-    config = _read_json(record.directory / "adapter_config.json")
-    if not isinstance(config, dict):
-        raise OnnxExportError(f"adapter {record.adapter_id!r}: no readable adapter_config.json")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise OnnxExportError(f"adapter {record.adapter_id!r}: peft type {config.get('peft_type')!r} is not LoRA")
-    for flag in ("use_dora", "lora_bias"):
-        if config.get(flag):
-            raise OnnxExportError(f"adapter {record.adapter_id!r}: {flag} adapters have no ONNX runner")
-    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))  # peft's defaults
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    modules = sorted(name.removesuffix(LORA_A) for name in tensors if name.endswith(LORA_A))
-    factors = {name: t for name, t in tensors.items() if name.endswith((LORA_A, LORA_B))}
-    heads = {name: t for name, t in tensors.items() if name not in factors}
-    ranks: dict[str, int] = {}
-    scales: dict[str, float] = {}
-    for module in modules:
-        a, b = factors[module + LORA_A], factors.get(module + LORA_B)
-        if b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
-            raise OnnxExportError(f"adapter {record.adapter_id!r}: LoRA factors of {module!r} do not pair up")
-        rank = int(_pattern_value(rank_pattern, module, r))
-        if rank != a.shape[0]:
-            raise OnnxExportError(f"adapter {record.adapter_id!r}: {module!r} has rank {a.shape[0]}, its config "
-                                  f"says {rank}")
-        module_alpha = float(_pattern_value(alpha_pattern, module, alpha))
-        ranks[module] = rank
-        scales[module] = module_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    stray = sorted(name for name in factors if name.removesuffix(LORA_B).removesuffix(LORA_A) not in ranks)
-    if stray:
-        raise OnnxExportError(f"adapter {record.adapter_id!r}: LoRA tensors without a pair: {stray}")
-    return _Lora(modules, ranks, scales, factors, heads)
 
 
 class OrtRunner:
@@ -163,7 +110,7 @@ class OrtRunner:
                 return
         with self._build_lock:
             if record.kind == "lora":
-                lora = _read_lora(record, tensors)
+                lora = read_lora(record.adapter_id, record.directory, tensors)
                 if self._shareable(lora):
                     graph, adapter = self._shared_graph(record, lora)
                 else:
@@ -190,12 +137,12 @@ class OrtRunner:
         with self._lock:
             return sorted(self._served)
 
-    def _shareable(self, lora: _Lora) -> bool:
+    def _shareable(self, lora: LoraFactors) -> bool:
         modules = dict(self.base.named_modules())
         return (bool(lora.modules) and len(set(lora.ranks.values())) == 1
                 and all(isinstance(modules.get(name), torch.nn.Linear) for name in lora.modules))
 
-    def _scaled(self, lora: _Lora) -> dict[str, torch.Tensor]:
+    def _scaled(self, lora: LoraFactors) -> dict[str, torch.Tensor]:
         """The adapter's tensors with each B factor times its module's scale (the shared graph's scale is 1)."""
         out = {name: t.detach().to(torch.float32) for name, t in lora.heads.items()}
         for module in lora.modules:
@@ -203,10 +150,10 @@ class OrtRunner:
             out[module + LORA_B] = lora.factors[module + LORA_B].detach().to(torch.float32) * lora.scales[module]
         return out
 
-    def _shared_graph(self, record: AdapterRecord, lora: _Lora) -> tuple[Path, Path]:
+    def _shared_graph(self, record: AdapterRecord, lora: LoraFactors) -> tuple[Path, Path]:
         rank = next(iter(lora.ranks.values()))
         key = {"base_model_sha256": record.manifest.base_model_sha256, "modules": lora.modules, "r": rank,
-               "heads": sorted(lora.heads)}
+               "heads": sorted(lora.heads), "graph_version": GRAPH_VERSION}
         directory = self.cache_dir / f"lora-{_digest(key)[:32]}"
         adapter = directory / f"{record.manifest.adapter_sha256}.onnx_adapter"
         names = _read_json(directory / LORA_INPUTS_FILE)
@@ -220,11 +167,12 @@ class OrtRunner:
             write_adapter(scaled, names, adapter)
         return directory / SHARED_GRAPH, adapter
 
-    def _plugged_graph(self, record: AdapterRecord, tensors: Mapping[str, torch.Tensor], lora: _Lora | None) -> Path:
+    def _plugged_graph(self, record: AdapterRecord, tensors: Mapping[str, torch.Tensor],
+                       lora: LoraFactors | None) -> Path:
         directory = self.cache_dir / record.manifest.adapter_sha256
         graph = directory / PLUGGED_GRAPH
         key = {"base_model_sha256": record.manifest.base_model_sha256, "kind": record.kind,
-               "scales": lora.scales if lora else None}
+               "scales": lora.scales if lora else None, "graph_version": GRAPH_VERSION}
         if graph.is_file() and _read_json(directory / KEY_FILE) == key:
             return graph
         model = copy.deepcopy(self.base)
@@ -251,7 +199,7 @@ class OrtRunner:
                                       f"the base has {tuple(target.shape)}")
             target.copy_(value.to(target.dtype).to(target.device))
 
-    def _merge_lora(self, model: torch.nn.Module, adapter_id: str, lora: _Lora) -> None:
+    def _merge_lora(self, model: torch.nn.Module, adapter_id: str, lora: LoraFactors) -> None:
         modules = dict(model.named_modules())
         for name in lora.modules:
             module = modules.get(name)
