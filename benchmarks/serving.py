@@ -54,8 +54,14 @@ copies, sequential) and across the layers systems (split, swap), request by requ
 check runs on the timed replays' own outputs, before anything is reported); otherwise the script prints the
 differences and exits 1 without writing results.
 
-Ratios (N=16): ``serving_vs_merge_16`` and ``serving_vs_sequential_16`` (offsite tokens/s over the baseline's),
-``split_vs_swap_16``, ``memory_copies_vs_serving_16`` (peak RSS of merged copies over offsite's),
+Capacity (N=16): every system also replays the same requests all queued at once (after its RSS reading), and its
+tokens/s there is its throughput when saturated. On the trace the engines keep up with the arrivals, so their
+trace tokens/s measure the arrival rate more than the engine; the one-at-a-time baselines are saturated on the trace
+already. Throughput ratios therefore compare capacities, each system saturated.
+
+Ratios (N=16): ``serving_vs_merge_16`` and ``serving_vs_sequential_16`` (offsite's capacity over the baseline's),
+``split_vs_swap_16`` (likewise), ``serving_vs_merge_16_trace`` and ``split_vs_swap_16_trace`` (the same on the
+trace), ``memory_copies_vs_serving_16`` (peak RSS of merged copies over offsite's),
 ``rss_serving_16_vs_base`` (offsite's peak RSS over the base-only process's) and ``ort_vs_torch``: onnxruntime
 (``ort_session(threads=2)``) over torch (2 threads) throughput of batched classification with the MiniLM classifier
 (a seeded task head; ``--quick``: a tiny random BERT) exported by ``coordinator.export.onnx.export_onnx``.
@@ -63,8 +69,8 @@ Ratios (N=16): ``serving_vs_merge_16`` and ``serving_vs_sequential_16`` (offsite
 Sizes (full run, about 10 minutes on an idle 2-core machine): N in {1, 4, 16}; 32 requests of 32 prompt tokens
 and 16 new tokens each; load 4 requests per L1 (4-6 req/s for SmolLM2 here); the engines batch at most 32
 requests. The one-at-a-time baselines bound the run time: each needs about 32 x L1 (plus loading) per N, and there
-are 4 of them x 3 N; a longer trace or longer outputs would not fit in 12 minutes. The engines' capacity is also
-measured at N=16 (the same requests all at once, after the RSS reading) and printed as an extra line.
+are 4 of them x 3 N; a longer trace or longer outputs would not fit in 12 minutes. Every system's capacity is
+also measured at N=16 (the same requests all at once, after the RSS reading).
 ``--quick``: N=16 only, 12 requests of 8 + 8 tokens on the tiny LLaMA (well under a minute). ``--requests``,
 ``--new-tokens``, ``--prompt-len``, ``--load``, ``--max-batch-size``, ``--n-values`` and ``--systems`` override the
 settings for experiments.
@@ -118,6 +124,7 @@ class Settings:
     lora_alpha: int = 16
     max_batch_size: int = 16
     max_wait_s: float = 0.01
+    join_delay: float = 0.0  # the engines' EngineConfig.join_delay
     ort_batch: int = 32
     ort_len: int = 64
     ort_reps: int = 10
@@ -447,6 +454,7 @@ def _engine_system(job: dict[str, Any]) -> dict[str, Any]:
 
     prefix, trace = job["prefix"], job["trace"]
     config = EngineConfig(max_batch_size=job["max_batch_size"], max_wait_s=job["max_wait_s"], cache_mb=16384,
+                          join_delay=job["join_delay"],
                           threads=2, max_new_tokens=max(256, job["new_tokens"]))
     engine = TorchEngine(Path(job["base_dir"]), ServingState(Path(job["state_dir"])), config)
     engine.tokenizer = _NoEos(engine.tokenizer)
@@ -548,7 +556,9 @@ def _baseline_system(job: dict[str, Any]) -> dict[str, Any]:
     used = sorted({req["adapter"] for req in trace})
     for a in (used[0], used[-1]):  # warm-up
         process({"adapter": a, "prompt": trace[0]["prompt"]})
-    return {"results": _replay_fifo(trace, process), "rss_mb": _peak_rss_mb()}
+    results, rss = _replay_fifo(trace, process), _peak_rss_mb()
+    saturated = _replay_fifo([{**req, "t": 0.0} for req in trace], process) if job.get("saturate") else None
+    return {"results": results, "rss_mb": rss, "saturated": saturated}
 
 
 def _base_system(job: dict[str, Any]) -> dict[str, Any]:
@@ -689,7 +699,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right, capacity) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.8]})
     for system in SYSTEMS:
         rows = sorted(report["results"][system].items(), key=lambda kv: int(kv[0]))
         ns = [int(n) for n, _ in rows]
@@ -707,6 +717,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     right.axhline(report["deadline_s"], linestyle=":", color="gray", label="deadline")
     right.legend(fontsize=8)
     left.legend(fontsize=8)
+    saturated = report["capacity_tokens_per_s_16"]
+    capacity.bar(list(saturated), list(saturated.values()),
+                 color=["tab:blue" if system in ENGINE_SYSTEMS else "tab:gray" for system in saturated])
+    capacity.set_ylabel(f"tokens/s, all requests at once (N={RATIO_N})")
+    capacity.tick_params(axis="x", labelrotation=30)
+    capacity.grid(alpha=0.3, axis="y")
     fig.suptitle(f"Multi-adapter serving on {report['model']} (2 CPU threads; {report['settings']['requests']} "
                  f"requests, {report['rate_rps']:.2f} req/s Poisson, Zipf(1))", fontsize=10)
     fig.tight_layout()
@@ -721,14 +737,15 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="for experiments: a subset to run "
                         "(the check and the ratios need them all)")
-    for name in ("requests", "prompt_len", "new_tokens", "load", "max_batch_size"):
+    for name in ("requests", "prompt_len", "new_tokens", "load", "max_batch_size", "join_delay"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(FULL, name)), default=None,
                             help=f"for experiments: override {name}")
     parser.add_argument("--n-values", default=None, help="for experiments: comma-separated N values")
     args = parser.parse_args()
     s = QUICK if args.quick else FULL
     overrides = {name: getattr(args, name) for name in ("requests", "prompt_len", "new_tokens", "load",
-                                                         "max_batch_size") if getattr(args, name) is not None}
+                                                         "max_batch_size", "join_delay")
+                 if getattr(args, name) is not None}
     if args.n_values:
         overrides["n_values"] = tuple(int(n) for n in args.n_values.split(","))
     s = replace(s, **overrides)
@@ -772,6 +789,7 @@ def main() -> int:
             for system in systems:
                 job = {"system": system, "n": n, "trace": requests, "base_dir": str(base_dir),
                        "new_tokens": s.new_tokens, "max_batch_size": s.max_batch_size, "max_wait_s": s.max_wait_s,
+                       "join_delay": s.join_delay,
                        "timeout": 60 + 4 * s.requests * l1, "saturate": n == RATIO_N}
                 if system in LAYERS_SYSTEMS:
                     job.update(state_dir=str(scratch / "state-layers"), prefix="layers")
@@ -817,25 +835,25 @@ def main() -> int:
             "adapters_used": {str(n): len({r["adapter"] for r in trace.requests(rate, n)}) for n in s.n_values},
         }
         r16 = {system: report["results"][system][str(RATIO_N)] for system in SYSTEMS}
+        # capacity: each system's tokens/s with the same requests all queued at once (its throughput when saturated)
+        capacity = {system: summarise(runs[system][RATIO_N]["saturated"], deadline, 0.0)["tokens_per_s"]
+                    for system in SYSTEMS}
+        report["capacity_tokens_per_s_16"] = capacity
         report["ratios"] = {
-            "serving_vs_merge_16": r16["offsite"]["tokens_per_s"] / r16["merge"]["tokens_per_s"],
-            "serving_vs_sequential_16": r16["offsite"]["tokens_per_s"] / r16["sequential"]["tokens_per_s"],
-            "split_vs_swap_16": r16["split"]["tokens_per_s"] / r16["swap"]["tokens_per_s"],
+            "serving_vs_merge_16": capacity["offsite"] / capacity["merge"],
+            "serving_vs_sequential_16": capacity["offsite"] / capacity["sequential"],
+            "split_vs_swap_16": capacity["split"] / capacity["swap"],
             "memory_copies_vs_serving_16": r16["copies"]["peak_rss_mb"] / r16["offsite"]["peak_rss_mb"],
             "ort_vs_torch": ort["ort_seq_per_s"] / ort["torch_seq_per_s"],
             "rss_serving_16_vs_base": r16["offsite"]["peak_rss_mb"] / base["rss_mb"],
+            "serving_vs_merge_16_trace": r16["offsite"]["tokens_per_s"] / r16["merge"]["tokens_per_s"],
+            "split_vs_swap_16_trace": r16["split"]["tokens_per_s"] / r16["swap"]["tokens_per_s"],
         }
-        capacity = {system: summarise(runs[system][RATIO_N]["saturated"], deadline, 0.0)["tokens_per_s"]
-                    for system in ENGINE_SYSTEMS if runs[system][RATIO_N].get("saturated")}
-        report["capacity_tokens_per_s_16"] = capacity  # the same requests all at once: the engine's capacity
         report["wall_s"] = time.monotonic() - started
         report["loadavg"] = {"start": load_start, "end": list(os.getloadavg())}
         print(table(report))
-        for system, baseline in (("offsite", "merge"), ("split", "swap")):
-            if system in capacity:
-                print(f"capacity at N={RATIO_N} (all {s.requests} requests at once): {system} "
-                      f"{capacity[system]:.1f} tok/s = {capacity[system] / r16[baseline]['tokens_per_s']:.2f} x "
-                      f"{baseline}'s trace throughput")
+        print(f"capacity at N={RATIO_N} (all {s.requests} requests queued at once), tokens/s: "
+              + ", ".join(f"{system} {value:.1f}" for system, value in capacity.items()))
         print(f"ort: {ort['ort_seq_per_s']:.1f} seq/s vs torch {ort['torch_seq_per_s']:.1f} seq/s "
               f"(batch {ort['batch']} x {ort['length']} tokens; max_abs_diff={ort['max_abs_diff']:.2e})")
         print(f"load average at start {load_start[0]:.2f}, at end {report['loadavg']['end'][0]:.2f} "

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RATIO_KEYS = ["serving_vs_merge_16", "serving_vs_sequential_16", "split_vs_swap_16", "memory_copies_vs_serving_16",
-              "ort_vs_torch", "rss_serving_16_vs_base"]
+              "ort_vs_torch", "rss_serving_16_vs_base", "serving_vs_merge_16_trace", "split_vs_swap_16_trace"]
 SYSTEMS = ["offsite", "merge", "copies", "sequential", "split", "swap"]
 
 
@@ -40,4 +40,5 @@ def test_serving_benchmark_quick(tmp_path: Path) -> None:
         assert metrics["p50_latency_s"] <= metrics["p99_latency_s"]
         assert 0 <= metrics["deadline_miss_rate"] <= 1
     assert report["engine"]["offsite"]["16"]["distinct_adapter_outputs"] > 1  # the adapters change the outputs
+    assert sorted(report["capacity_tokens_per_s_16"]) == sorted(SYSTEMS)
     assert (tmp_path / "serving.png").stat().st_size > 0
