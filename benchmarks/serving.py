@@ -124,7 +124,6 @@ class Settings:
     lora_alpha: int = 16
     max_batch_size: int = 16
     max_wait_s: float = 0.01
-    join_delay: float = 0.0  # the engines' EngineConfig.join_delay
     ort_batch: int = 32
     ort_len: int = 64
     ort_reps: int = 10
@@ -454,7 +453,6 @@ def _engine_system(job: dict[str, Any]) -> dict[str, Any]:
 
     prefix, trace = job["prefix"], job["trace"]
     config = EngineConfig(max_batch_size=job["max_batch_size"], max_wait_s=job["max_wait_s"], cache_mb=16384,
-                          join_delay=job["join_delay"],
                           threads=2, max_new_tokens=max(256, job["new_tokens"]))
     engine = TorchEngine(Path(job["base_dir"]), ServingState(Path(job["state_dir"])), config)
     engine.tokenizer = _NoEos(engine.tokenizer)
@@ -737,15 +735,14 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="for experiments: a subset to run "
                         "(the check and the ratios need them all)")
-    for name in ("requests", "prompt_len", "new_tokens", "load", "max_batch_size", "join_delay"):
+    for name in ("requests", "prompt_len", "new_tokens", "load", "max_batch_size"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(FULL, name)), default=None,
                             help=f"for experiments: override {name}")
     parser.add_argument("--n-values", default=None, help="for experiments: comma-separated N values")
     args = parser.parse_args()
     s = QUICK if args.quick else FULL
     overrides = {name: getattr(args, name) for name in ("requests", "prompt_len", "new_tokens", "load",
-                                                         "max_batch_size", "join_delay")
-                 if getattr(args, name) is not None}
+                                                         "max_batch_size") if getattr(args, name) is not None}
     if args.n_values:
         overrides["n_values"] = tuple(int(n) for n in args.n_values.split(","))
     s = replace(s, **overrides)
@@ -789,7 +786,6 @@ def main() -> int:
             for system in systems:
                 job = {"system": system, "n": n, "trace": requests, "base_dir": str(base_dir),
                        "new_tokens": s.new_tokens, "max_batch_size": s.max_batch_size, "max_wait_s": s.max_wait_s,
-                       "join_delay": s.join_delay,
                        "timeout": 60 + 4 * s.requests * l1, "saturate": n == RATIO_N}
                 if system in LAYERS_SYSTEMS:
                     job.update(state_dir=str(scratch / "state-layers"), prefix="layers")

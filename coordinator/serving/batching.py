@@ -23,9 +23,6 @@ class EngineConfig:
     max_new_tokens: int = 256
     cache_mb: int = 1024
     threads: int = 2
-    # While a batch decodes, new requests join once the oldest has waited this many times the last prefill's
-    # duration (or they fill the batch): fewer, larger prefills (vLLM's scheduler delay factor). 0: at once.
-    join_delay: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_prompt_tokens", "max_new_tokens", "cache_mb",
@@ -34,8 +31,6 @@ class EngineConfig:
                 raise InvalidSettingError(f"{{{name}}} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.max_wait_s <= 10:
             raise InvalidSettingError(f"{{max_wait_s}} must be in [0, 10], got {self.max_wait_s}")
-        if not 0 <= self.join_delay <= 10:
-            raise InvalidSettingError(f"{{join_delay}} must be in [0, 10], got {self.join_delay}")
 
 
 @dataclass(eq=False)
@@ -111,11 +106,6 @@ class JobQueue:
             batch.append(job)
             longest, new = longest_, new_
         return batch
-
-    def oldest_wait(self) -> float | None:
-        """Seconds the oldest queued job has waited; None when none waits."""
-        with self._cond:
-            return time.monotonic() - self._jobs[0].enqueued if self._jobs else None
 
     def take_now(self, room: int) -> list[Job]:
         """Without waiting: a batch as :meth:`take` would pick it, with at most ``room`` generate jobs (those join

@@ -72,7 +72,6 @@ class RunningBatch:
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.keep_last = _keep_last(model)
         self.finished: list[Job] = []  # since the engine last collected them
-        self.last_prefill_s = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -98,11 +97,9 @@ class RunningBatch:
         """Prefill ``jobs`` and add them to the batch. If the forward pass raises, nothing has changed."""
         ids, mask = _left_padded(jobs, self.pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
-        started = time.monotonic()
         with self.route([job.adapter_id for job in jobs]):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              **self.keep_last)
-        self.last_prefill_s = time.monotonic() - started
         self.metrics.batch_size.observe(len(jobs))
         first = len(self.jobs)
         self._join(jobs, out.cache, mask, positions[:, -1:] + 1, out.logits[:, -1, :].argmax(-1))

@@ -146,17 +146,11 @@ class TorchEngine:
                 batch = self.queue.take(self._stop)
             else:
                 room = self.config.max_batch_size - len(self.running) if self.running.joinable() else 0
-                batch = self.queue.take_now(room) if self._join_now(room) else []
+                batch = self.queue.take_now(room)
             if batch:
                 self._schedule(batch)
             if len(self.running):
                 self._step()
-
-    def _join_now(self, room: int) -> bool:
-        waited = self.queue.oldest_wait()
-        if waited is None:
-            return False
-        return len(self.queue) >= room or waited >= self.config.join_delay * self.running.last_prefill_s
 
     def _schedule(self, batch: list[Job]) -> None:
         """Fail the requests whose deadline passed while queued; run a classification batch, or prefill generate
