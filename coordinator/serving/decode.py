@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicLayer
 
 from coordinator.serving.batching import Job
 from coordinator.serving.metrics import ServingMetrics
+from coordinator.serving.tensors import zero_pad
 
 Route = Callable[[list[str]], AbstractContextManager[Any]]  # rows' adapter ids -> the context a forward runs in
 
@@ -34,15 +35,6 @@ def _left_padded(jobs: list[Job], pad_id: int) -> tuple[torch.Tensor, torch.Tens
         ids[row, width - len(job.input_ids):] = torch.tensor(job.input_ids)
         mask[row, width - len(job.input_ids):] = 1
     return ids, mask
-
-
-def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 class _Detokenizer:
@@ -130,10 +122,13 @@ class RunningBatch:
               next_ids: torch.Tensor) -> None:
         if self.jobs:  # keys and values: (batch, heads, width, head_dim)
             width = max(self.width, int(mask.shape[1]))
+
+            def stacked(top: torch.Tensor, bottom: torch.Tensor, dim: int) -> torch.Tensor:
+                return torch.cat([zero_pad(top, width, dim, left=True), zero_pad(bottom, width, dim, left=True)])
+
             for old, new in zip(self.cache.layers, cache.layers, strict=True):
-                old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
-                old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
-            mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+                old.keys, old.values = stacked(old.keys, new.keys, 2), stacked(old.values, new.values, 2)
+            mask = stacked(self.mask, mask, 1)
             positions = torch.cat([self.positions, positions])
             next_ids = torch.cat([self.next_ids, next_ids])
             cache = self.cache

@@ -24,6 +24,7 @@ from torch import nn
 
 from coordinator.serving.adapters import AdapterRefusedError
 from coordinator.serving.split_batch import RoutedModule
+from coordinator.serving.tensors import zero_pad
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
@@ -123,8 +124,8 @@ class LoraBank:
             rank = max(stack.a.shape[1], a.shape[0])
             a_new, b_new = a.new_zeros((1, rank, a.shape[1])), b.new_zeros((1, b.shape[0], rank))
             a_new[0, :a.shape[0]], b_new[0, :, :a.shape[0]] = a, b
-            self.stacks[module] = _Stack(torch.cat([_pad(stack.a, rank, 1), a_new]),
-                                         torch.cat([_pad(stack.b, rank, 2), b_new]),
+            self.stacks[module] = _Stack(torch.cat([zero_pad(stack.a, rank, 1, left=False), a_new]),
+                                         torch.cat([zero_pad(stack.b, rank, 2, left=False), b_new]),
                                          torch.cat([stack.scale, torch.tensor([lora.scales[module]])]))
         for module, stack in self.stacks.items():  # modules this adapter leaves alone: a zero slot
             if module not in lora.modules:
@@ -184,16 +185,6 @@ class LoraBank:
             return output + delta.reshape(output.shape).to(output.dtype)
 
         return add_lora
-
-
-def _pad(factor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
-    """Zero-pad a stacked factor's rank dimension (``dim``) to ``rank``."""
-    missing = rank - factor.shape[dim]
-    if missing == 0:
-        return factor
-    shape = list(factor.shape)
-    shape[dim] = missing
-    return torch.cat([factor, factor.new_zeros(shape)], dim=dim)
 
 
 def _io_shape(module: nn.Module) -> tuple[int, int] | None:
