@@ -584,7 +584,8 @@ def _ort_system(job: dict[str, Any]) -> dict[str, Any]:
     """Batched classification throughput: onnxruntime (2 threads) against torch (2 threads), same model and inputs."""
     import torch
 
-    from coordinator.export.onnx import export_onnx, ort_session, run_ort
+    from coordinator.export.onnx import export_onnx
+    from coordinator.export.onnx_session import ort_session, run_ort
     from emulator.loading import load_model, load_tokenizer
 
     torch.manual_seed(0)

@@ -18,14 +18,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from coordinator.export.onnx import (
-    OnnxExportError,
-    export_onnx,
-    export_onnx_lora,
-    max_abs_diff,
-    ort_session,
-    run_ort,
-)
+from coordinator.export.onnx import OnnxExportError, export_onnx, export_onnx_lora
+from coordinator.export.onnx_session import max_abs_diff, ort_session, run_ort
 
 VOCAB = 100
 R, ALPHA = 4, 8

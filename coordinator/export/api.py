@@ -71,7 +71,8 @@ def _sample_inputs(source: RunSource) -> dict[str, torch.Tensor]:
 
 
 def _write_onnx(source: RunSource, out: Path) -> str:
-    from coordinator.export.onnx import export_onnx, export_onnx_lora, max_abs_diff, ort_session
+    from coordinator.export.onnx import export_onnx, export_onnx_lora
+    from coordinator.export.onnx_session import max_abs_diff, ort_session
 
     sample = _sample_inputs(source)
     diffs: dict[str, float] = {}

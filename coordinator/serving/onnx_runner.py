@@ -33,15 +33,8 @@ import onnxruntime
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from coordinator.export.onnx import (
-    LORA_INPUTS_FILE,
-    OnnxExportError,
-    export_onnx,
-    export_onnx_lora,
-    ort_session,
-    run_ort,
-    write_adapter,
-)
+from coordinator.export.onnx import LORA_INPUTS_FILE, OnnxExportError, export_onnx, export_onnx_lora, write_adapter
+from coordinator.export.onnx_session import ort_session, run_ort
 from coordinator.serving.adapters import AdapterRecord
 from coordinator.serving.batching import Job
 from coordinator.serving.lora_bank import LORA_A, LORA_B, LoraFactors, read_lora
