@@ -131,3 +131,27 @@ def test_a_short_request_joins_a_long_one_and_finishes_first(tmp_path: Path) -> 
     finally:
         engine.stop()
     assert order == ["short", "long"]
+
+
+def test_a_row_whose_consumer_raises_fails_alone(llama: Path) -> None:
+    model, tokenizer = load_model(str(llama), "causal-lm").eval(), load_tokenizer(str(llama))
+    running = RunningBatch(model, tokenizer, ServingMetrics(), lambda rows: nullcontext())
+    prompt = tokenizer("Definition: a small dog\nWord:")["input_ids"]
+    events: list[dict[str, Any]] = []
+    settled: list[str] = []
+
+    def broken(event: dict[str, Any]) -> None:
+        raise RuntimeError("the consumer is gone")
+
+    good = Job("generate", "base", prompt, max_new_tokens=5,
+               emit=lambda e: events.append(e) if e["type"] != "token" else None)
+    bad = Job("generate", "base", prompt, max_new_tokens=5, emit=broken, on_finish=[lambda: settled.append("bad")])
+    with torch.inference_mode():
+        running.admit([good, bad])
+        while len(running):
+            running.step()
+    assert [e["type"] for e in events] == ["done"]
+    assert events[0]["token_ids"] == greedy_alone(model, prompt, 5, tokenizer.eos_token_id)
+    assert bad.finished and settled == ["bad"]  # its usage is settled once, and its cache pin is released once
+    finished = running.collect()
+    assert len(finished) == 2 and {id(j) for j in finished} == {id(good), id(bad)}

@@ -10,7 +10,9 @@ that finished them, and the columns no remaining row needs are cut off. Every ro
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -24,6 +26,7 @@ from coordinator.serving.batching import Job
 from coordinator.serving.metrics import ServingMetrics
 from coordinator.serving.tensors import zero_pad
 
+log = logging.getLogger(__name__)
 Route = Callable[[list[str]], AbstractContextManager[Any]]  # rows' adapter ids -> the context a forward runs in
 
 
@@ -137,26 +140,41 @@ class RunningBatch:
         self.detok += [_Detokenizer(self.tokenizer) for _ in jobs]
 
     def _take(self, rows: range) -> None:
-        """Stream each row's new token; finish the rows that are done and drop them from the batch."""
-        eos, now, done = self.tokenizer.eos_token_id, time.monotonic(), set()
+        """Stream each row's new token; finish the rows that are done and drop them from the batch. A row whose
+        consumer raises (a callback, say, settling its usage) fails alone; the batch goes on."""
+        done = set()
         for row in rows:
-            job, token = self.jobs[row], int(self.next_ids[row])
-            if job.max_new_tokens < 1:
-                reason: str | None = "length"
-            elif eos is not None and token == eos:
-                reason = "stop"
-            else:
-                job.token(self.detok[row].push(token))
-                reason = None
-                if len(self.detok[row].ids) >= job.max_new_tokens:
-                    reason = "length"
-                elif job.deadline is not None and now > job.deadline:
-                    reason = "deadline"
-            if reason is not None:
-                self._finish(row, reason)
+            try:
+                finished = self._advance(row)
+            except Exception:
+                log.exception("a request's callback failed")
+                job, finished = self.jobs[row], True
+                if not any(job is f for f in self.finished):
+                    self.finished.append(job)
+                with contextlib.suppress(Exception):
+                    job.fail(500, "internal_error", "the server failed while answering this request")
+            if finished:
                 done.add(row)
         if done:
             self._keep([row for row in range(len(self.jobs)) if row not in done])
+
+    def _advance(self, row: int) -> bool:
+        """Stream row ``row``'s new token; True when the row finished."""
+        job, token, eos = self.jobs[row], int(self.next_ids[row]), self.tokenizer.eos_token_id
+        reason: str | None = None
+        if job.max_new_tokens < 1:
+            reason = "length"
+        elif eos is not None and token == eos:
+            reason = "stop"
+        else:
+            job.token(self.detok[row].push(token))
+            if len(self.detok[row].ids) >= job.max_new_tokens:
+                reason = "length"
+            elif job.deadline is not None and time.monotonic() > job.deadline:
+                reason = "deadline"
+        if reason is not None:
+            self._finish(row, reason)
+        return reason is not None
 
     def _finish(self, row: int, reason: str) -> None:
         job, detok, end = self.jobs[row], self.detok[row], time.monotonic()
