@@ -2,8 +2,11 @@
 
 The base layers run once over the whole batch. LoRA rows get their adapter's LoRA term from the batched LoRA bank
 (:mod:`coordinator.serving.lora_bank`); ``layers`` rows, and LoRA adapters' heads, go through split batching
-(:mod:`coordinator.serving.split_batch`). A
-batcher thread takes requests of one kind, closest in length to the oldest waiting one (PetS's coordinated
+(:mod:`coordinator.serving.split_batch`).
+
+One engine thread runs the model. Generation is continuous (:class:`coordinator.serving.decode.RunningBatch`): new
+requests join the running batch between decoding steps and finished ones leave. With nothing running, the thread
+waits for a batch to form: requests of one kind, closest in length to the oldest waiting one (PetS's coordinated
 batching: less padding), up to a size and a padded-token budget, after at most ``max_wait_s``.
 """
 
