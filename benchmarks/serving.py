@@ -208,6 +208,7 @@ def build_run(root: Path, model_dir: Path, method: str, s: Settings, keys_from: 
 
     from coordinator.progress import Progress, RoundRecord, checkpoint_path, save_checkpoint
     from coordinator.simulate import SimulateConfig, setup
+    from coordinator.simulate.setup import share_coordinator_key
     from emulator.shipped_tasks import task_dir
     from protos.round_config import RoundConfig
 
@@ -225,9 +226,7 @@ def build_run(root: Path, model_dir: Path, method: str, s: Settings, keys_from: 
     config.workdir.mkdir(parents=True, exist_ok=True)
     config.save()
     if keys_from is not None:
-        (config.workdir / "keys").mkdir(exist_ok=True)
-        for name in ("coordinator.key", "coordinator.pub"):
-            shutil.copy2(keys_from / "keys" / name, config.workdir / "keys" / name)
+        share_coordinator_key(config.workdir, keys_from)
     prepared = setup(config)
     checkpoints = prepared.variants[0].checkpoints(config.workdir)
     adapter = load_file(str(checkpoint_path(checkpoints, 0)))

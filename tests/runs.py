@@ -4,7 +4,6 @@ coordinator records aggregated rounds, with the owners' accepted uploads, and th
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 from coordinator.demo_data import demo_dataset
 from coordinator.progress import Progress, RoundRecord, checkpoint_path, save_checkpoint
 from coordinator.simulate import SimulateConfig, evaluate_run, setup
+from coordinator.simulate.setup import share_coordinator_key
 from emulator.shipped_tasks import task_dir
 from protos.round_config import RoundConfig
 from tests.models import subset, tiny_classifier_dir, tiny_llama_dir
@@ -40,9 +40,7 @@ def tiny_run(root: Path, *, method: str = "lora", task: str = "classification", 
     config.workdir.mkdir(parents=True, exist_ok=True)
     config.save()
     if keys_from is not None:
-        (config.workdir / "keys").mkdir(exist_ok=True)
-        for name in ("coordinator.key", "coordinator.pub"):
-            shutil.copy2(keys_from / "keys" / name, config.workdir / "keys" / name)
+        share_coordinator_key(config.workdir, keys_from)
     prepared = setup(config)
     variant = prepared.variants[0]
     checkpoints = variant.checkpoints(config.workdir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,15 @@ def setup(config: SimulateConfig) -> Setup:
     finally:
         storage.close()
     return Setup(variants, str(full_dir), key, labels)
+
+
+def share_coordinator_key(work: Path, other_run: Path) -> None:
+    """Before :func:`setup`: sign the run in ``work`` with ``other_run``'s coordinator key (one coordinator, many
+    jobs), which setup then uses instead of making a new one."""
+    keys = RunLayout(work).keys
+    keys.mkdir(parents=True, exist_ok=True)
+    for name in (SIGNING_KEY_FILE, PUBLIC_KEY_FILE):
+        shutil.copy2(RunLayout(other_run).keys / name, keys / name)
 
 
 def coordinator_public_key(work: Path) -> Path:
