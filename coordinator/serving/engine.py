@@ -98,6 +98,7 @@ class TorchEngine:
         with self.model_lock:
             if lora is None:
                 self.split.add(adapter_id, tensors)
+                self.lora.rehook()  # a module split batching wrapped just now gets its LoRA hook on the wrapper
             else:
                 self.split.add(adapter_id, lora.heads)  # a classification head: routed like a layers adapter
                 try:
@@ -105,7 +106,6 @@ class TorchEngine:
                 except BaseException:
                     self.split.remove(adapter_id)
                     raise
-            self.lora.rehook()  # a module split batching wrapped just now gets its LoRA hook on the wrapper
             self.adapters[adapter_id] = LoadedAdapter(record, record.manifest.labels)
         return size
 
